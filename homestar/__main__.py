@@ -1,0 +1,5 @@
+import sys
+
+from homestar.cli import main
+
+sys.exit(main())

@@ -1,0 +1,180 @@
+"""`homestar bench`: time training steps on synthetic tokens, chunk runtime vs plain PyTorch.
+
+Each system runs in its own child process, so memory peaks are its own and one running out of
+memory cannot take the other down. Needs neither textual nor datasets (the GPU machine has
+neither). TFLOP/s counts 6*params + 12*layers*seq*d_model FLOPs per token (SPEC).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+GIB = 2**30
+
+
+@dataclass(kw_only=True, slots=True)
+class BenchRequest:
+    preset: str = "125m"
+    system: str = "chunked"
+    """"chunked" (the runtime) or "torch" (plain PyTorch, fused AdamW)."""
+    device: str = "auto"
+    gpu_mem_gib: float | None = None
+    cpu_mem_gib: float | None = None
+    micro_batch: int | None = None
+    accum: int = 1
+    seq_len: int | None = None
+    steps: int = 5
+    warmup: int = 2
+    precision: str = "auto"
+    chunk_elems: int | None = None
+    activation_checkpointing: bool | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class BenchResult:
+    system: str
+    preset: str
+    params: int
+    status: str
+    """"ok", "oom" or "error"."""
+    tok_s: float = 0.0
+    tflops: float = 0.0
+    step_s: float = 0.0
+    gpu_peak_gib: float = 0.0
+    cpu_peak_gib: float = 0.0
+    micro_batch: int = 0
+    accum: int = 0
+    seq_len: int = 0
+    device: str = ""
+    precision: str = ""
+    gpu_mem_gib: float | None = None
+    breakdown: dict[str, float] = field(default_factory=dict)
+    message: str = ""
+
+
+def run_bench(request: BenchRequest, *, baseline: bool) -> list[BenchResult]:
+    """Run the chunk runtime (and plain PyTorch first, with `baseline`), each in a child process."""
+    systems = ["torch", "chunked"] if baseline else [request.system]
+    results = []
+    for system in systems:
+        child = BenchRequest(**{**asdict(request), "system": system})
+        results.append(_run_child(child))
+    return results
+
+
+def _run_child(request: BenchRequest) -> BenchResult:
+    cmd = [sys.executable, "-m", "homestar.bench", json.dumps(asdict(request))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return BenchResult(**json.loads(line))
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return BenchResult(system=request.system, preset=request.preset, params=0, status="error",
+                       message=f"exit {proc.returncode}: {tail}")
+
+
+def _measure(request: BenchRequest) -> BenchResult:
+    """In the child: build the model and engine, run warm-up then timed steps."""
+    import torch
+
+    from homestar.model import GPT, GPTConfig, load_preset
+    from homestar.optim import OptimConfig
+    from homestar.train.build import resolve_device, resolve_precision
+
+    preset = load_preset(request.preset)
+    device = resolve_device(request.device)
+    precision = resolve_precision(request.precision, device)
+    shape = {**asdict(preset.model)}
+    if request.seq_len:
+        shape["seq_len"] = request.seq_len
+    config = GPTConfig(**shape)
+    micro_batch = request.micro_batch or preset.train.micro_batch
+    result = BenchResult(system=request.system, preset=preset.name, params=config.num_params(), status="ok",
+                         micro_batch=micro_batch, accum=request.accum, seq_len=config.seq_len, device=device,
+                         precision=precision, gpu_mem_gib=request.gpu_mem_gib)
+    checkpointing = device == "cuda" if request.activation_checkpointing is None else request.activation_checkpointing
+    optim = OptimConfig(lr=preset.train.lr, weight_decay=preset.train.weight_decay, grad_clip=preset.train.grad_clip)
+    try:
+        if device == "cuda" and request.gpu_mem_gib:
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, request.gpu_mem_gib * GIB / total))
+        torch.manual_seed(0)
+        engine = _engine(request, GPT(config, checkpoint_activations=checkpointing), optim, device, precision)
+        gen = torch.Generator().manual_seed(0)
+        batch = torch.randint(config.vocab_size, (micro_batch, config.seq_len + 1), generator=gen)
+        x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        if device == "cuda":
+            x, y = x.pin_memory(), y.pin_memory()
+        times, breakdown = [], {}
+        for i in range(request.warmup + request.steps):
+            if device == "cuda":
+                torch.cuda.synchronize()  # note: timing boundary, outside the measured work
+            t0 = time.perf_counter()
+            losses = [engine.forward_backward(x, y, request.accum) for _ in range(request.accum)]
+            report = engine.step(preset.train.lr)
+            float(torch.stack(losses).sum())  # note: sync, as the trainer does once per step
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i >= request.warmup:
+                times.append(time.perf_counter() - t0)
+                for k, v in report.timings.items():
+                    breakdown[k] = breakdown.get(k, 0.0) + v / request.steps
+        step_s = sorted(times)[len(times) // 2]  # median: robust to one slow step
+        tokens = micro_batch * request.accum * config.seq_len
+        result.step_s = step_s
+        result.tok_s = tokens / step_s
+        result.tflops = result.tok_s * config.flops_per_token() / 1e12
+        result.breakdown = breakdown
+        if device == "cuda":
+            result.gpu_peak_gib = torch.cuda.max_memory_reserved() / GIB
+        else:
+            result.gpu_peak_gib = engine.memory().get("gpu_peak", engine.memory()["gpu_mem"]) / GIB
+        engine.close()
+    except torch.OutOfMemoryError as exc:
+        result.status, result.message = "oom", str(exc).splitlines()[0][:200]
+    result.cpu_peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+    return result
+
+
+def _engine(request: BenchRequest, model, optim, device: str, precision: str):
+    if request.system == "torch":
+        from homestar.train.torch_engine import TorchEngine
+
+        return TorchEngine(model, optim, device=device, precision=precision)
+    from homestar.runtime import RuntimeConfig, attach
+
+    return attach(model, RuntimeConfig(
+        device=device, precision=precision, chunk_elems=request.chunk_elems,
+        gpu_budget_bytes=int(request.gpu_mem_gib * GIB) if request.gpu_mem_gib else None,
+        cpu_budget_bytes=int(request.cpu_mem_gib * GIB) if request.cpu_mem_gib else None), optim)
+
+
+def format_results(results: list[BenchResult]) -> str:
+    lines = [f"{'system':<8} {'preset':<7} {'params':>8} {'status':<6} {'tok/s':>10} {'TFLOP/s':>8} "
+             f"{'step s':>8} {'GPU GiB':>8} {'host GiB':>8}  breakdown"]
+    for r in results:
+        parts = " ".join(f"{k} {v:.3f}" for k, v in r.breakdown.items())
+        lines.append(f"{r.system:<8} {r.preset:<7} {r.params / 1e9:>7.2f}B {r.status:<6} {r.tok_s:>10,.0f} "
+                     f"{r.tflops:>8.1f} {r.step_s:>8.3f} {r.gpu_peak_gib:>8.2f} {r.cpu_peak_gib:>8.2f}  "
+                     f"{parts or r.message}")
+    ok = {r.system: r for r in results if r.status == "ok"}
+    if "torch" in ok and "chunked" in ok:
+        lines.append(f"chunked / torch tok/s: {ok['chunked'].tok_s / ok['torch'].tok_s:.3f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    from homestar.errors import HomestarError
+
+    try:
+        outcome = _measure(BenchRequest(**json.loads(sys.argv[1])))
+    except HomestarError as exc:
+        print(f"homestar: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    print(json.dumps(asdict(outcome)), flush=True)

@@ -1,0 +1,175 @@
+"""`attach`: move a model's parameters into chunks and return the engine that trains it.
+
+Steps: list the parameters once each (tied ones under their first name), choose the chunk size
+and layout, decide which chunk groups live on the device (BudgetError if the model cannot fit
+in both budgets), allocate every chunk in its home, copy each parameter in (fp32 master, cast
+param copy), then point the parameters at NaN placeholders so the original tensors are freed as
+the copy proceeds. A model built on the meta device is initialised one parameter at a time
+through `init_fn(name, tensor)`, so no full fp32 copy ever exists outside the chunks. Buffers
+move to the compute device. Knows nothing of GPT, data or the trainer.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from homestar.errors import ConfigError
+from homestar.optim import OptimConfig, no_decay as default_no_decay
+from homestar.runtime.binding import ParamInfo, ParamTable
+from homestar.runtime.chunk import Chunk, ChunkGroup, Kind
+from homestar.runtime.config import RuntimeConfig
+from homestar.runtime.engine import ChunkedEngine, LossFn, default_loss
+from homestar.runtime.homes import GroupBytes, plan_homes
+from homestar.runtime.layout import Layout, choose_chunk_elems, plan_layout
+from homestar.runtime.memory import DeviceSpace, HostMemory, SimulatedDevice
+from homestar.runtime.optimizer import ChunkAdamW
+from homestar.runtime.placement import Placement
+from homestar.runtime.states import Move
+from homestar.runtime.trace import Tracer
+
+InitFn = Callable[[str, torch.Tensor], None]
+
+
+def attach(
+    model: nn.Module,
+    config: RuntimeConfig,
+    optim: OptimConfig,
+    *,
+    loss_fn: LossFn | None = None,
+    no_decay: Callable[[str, torch.Tensor], bool] = default_no_decay,
+    init_fn: InitFn | None = None,
+) -> ChunkedEngine:
+    """Take over `model`'s parameters and return its ChunkedEngine.
+
+    `init_fn(name, tensor)` fills an fp32 CPU tensor in place for a parameter still on the meta
+    device; required when the model was built there, ignored otherwise.
+    """
+    named = _unique_parameters(model)
+    sizes = [(name, p.numel()) for name, p in named]
+    chunk_elems = config.chunk_elems or choose_chunk_elems(sizes, align=config.align_elems)
+    layout = plan_layout(sizes, chunk_elems, align=config.align_elems)
+    device = _device_space(config)
+    host = HostMemory(config.cpu_budget_bytes, pin=config.device == "cuda")
+    group_bytes = _group_bytes(layout, config)
+    homes = plan_homes(
+        group_bytes, gpu_cap=_cap(device.budget), cpu_cap=_cap(host.budget), nonmodel=0,
+        policy=config.optimizer_placement, fill=False,
+    )
+    groups, chunks = _make_groups(layout, config, homes)
+    placement = Placement(chunks, device, host, Tracer(), prefetch_depth=config.prefetch_depth,
+                          headroom=config.nonmodel_headroom)
+    for chunk in chunks:
+        placement.allocate_home(chunk)
+    params = _materialize(model, named, init_fn, device.device, config.compute_dtype)
+    infos = [
+        ParamInfo(name=name, param=param, shape=param.shape, slot=slot, group=groups[slot.chunk],
+                  decay=not no_decay(name, param))
+        for (name, param), slot in zip(params, layout.slots)
+    ]
+    table = ParamTable(infos, device.device, config.compute_dtype)
+    for info, (_, param) in zip(infos, named):
+        _pack(info, param, init_fn, placement)
+        table.unbind(info)  # the original tensor is freed here (unless referenced elsewhere)
+    _move_buffers(model, device.device)
+    adamw = ChunkAdamW(table, groups, placement, optim)
+    return ChunkedEngine(
+        model=model, config=config, table=table, groups=groups, group_bytes=group_bytes,
+        placement=placement, host=host, tracer=placement.tracer, adamw=adamw,
+        loss_fn=loss_fn or default_loss,
+    )
+
+
+def _unique_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    named = list(model.named_parameters())  # deduplicated: tied parameters once
+    if not named:
+        raise ConfigError("the model has no parameters to train")
+    return named
+
+
+def _device_space(config: RuntimeConfig) -> DeviceSpace:
+    if config.device == "cpu":
+        return SimulatedDevice(config.gpu_budget_bytes)
+    if not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but CUDA is not available")
+    from homestar.runtime.cuda import CudaDevice  # CUDA-only code stays out of CPU runs
+
+    return CudaDevice(config.gpu_budget_bytes)
+
+
+def _group_bytes(layout: Layout, config: RuntimeConfig) -> list[GroupBytes]:
+    param = layout.chunk_elems * config.compute_dtype.itemsize
+    fp32 = layout.chunk_elems * 4
+    rest = 3 * fp32 if config.mixed else 2 * fp32  # master (when separate) + two moments
+    return [GroupBytes(param=param, grad=fp32, rest=rest) for _ in range(layout.n_chunks)]
+
+
+def _make_groups(layout: Layout, config: RuntimeConfig, homes: list[bool]) -> tuple[list[ChunkGroup], list[Chunk]]:
+    chunks: list[Chunk] = []
+
+    def new(kind: Kind, index: int, dtype: torch.dtype, home: str) -> Chunk:
+        chunk = Chunk(id=len(chunks), kind=kind, group=index, numel=layout.chunk_elems, dtype=dtype,
+                      slots=layout.chunk_slots(index), home=home)
+        chunks.append(chunk)
+        return chunk
+
+    groups = []
+    for index, on_device in enumerate(homes):
+        home = "device" if on_device else "host"
+        param = new(Kind.PARAM, index, config.compute_dtype, home)
+        grad = new(Kind.GRAD, index, torch.float32, home)
+        master = new(Kind.MASTER, index, torch.float32, home) if config.mixed else param
+        groups.append(ChunkGroup(
+            index=index, param=param, grad=grad, master=master,
+            exp_avg=new(Kind.EXP_AVG, index, torch.float32, home),
+            exp_avg_sq=new(Kind.EXP_AVG_SQ, index, torch.float32, home),
+            optimizer_on_device=on_device,
+        ))
+    return groups, chunks
+
+
+def _materialize(model: nn.Module, named, init_fn: InitFn | None, device: torch.device, dtype: torch.dtype):
+    """Parameters that can point at placeholders: meta parameters are replaced (ties kept)."""
+    if not any(p.is_meta for _, p in named):
+        return named
+    if init_fn is None:
+        raise ConfigError("the model is on the meta device: attach needs an init_fn(name, tensor)")
+    placeholder = torch.full((1,), float("nan"), dtype=dtype, device=device)
+    replaced: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for key, p in module._parameters.items():
+            if p is not None and p.is_meta:
+                if id(p) not in replaced:
+                    replaced[id(p)] = nn.Parameter(placeholder.expand(p.shape), requires_grad=p.requires_grad)
+                module._parameters[key] = replaced[id(p)]
+    return [(name, replaced.get(id(p), p)) for name, p in named]
+
+
+def _pack(info: ParamInfo, original: torch.Tensor, init_fn: InitFn | None, placement: Placement) -> None:
+    """Copy one parameter's value into its master (and param) chunk slots."""
+    if original.is_meta:
+        value = torch.empty(info.shape, dtype=torch.float32)
+        init_fn(info.name, value)
+    else:
+        value = original.detach()
+    group = info.group
+    for chunk in {id(c): c for c in (group.master, group.param)}.values():
+        chunk.view(placement.writable(chunk), info.slot, info.shape).copy_(value)  # casts for param
+        placement.move(chunk, info.index, Move.FILL)
+
+
+def _move_buffers(model: nn.Module, device: torch.device) -> None:
+    for module in model.modules():
+        for key, buf in module._buffers.items():
+            if buf is None:
+                continue
+            if buf.is_meta:
+                raise ConfigError(f"buffer {key} is on the meta device; build buffers on the CPU")
+            if buf.device != device:
+                module._buffers[key] = buf.to(device)
+
+
+def _cap(budget: int | None) -> float:
+    return float("inf") if budget is None else float(budget)

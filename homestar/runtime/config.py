@@ -1,0 +1,78 @@
+"""Settings of the chunk runtime, validated when built.
+
+Plain data owned by the runtime: which device computes, how much memory each side may use, the
+chunk size and the numeric precision. Knows nothing of models, data or the trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from homestar.errors import ConfigError
+
+_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_PLACEMENTS = ("auto", "host", "device")
+
+
+@dataclass(kw_only=True, slots=True)
+class RuntimeConfig:
+    """How the runtime places chunks and computes."""
+
+    device: str = "cpu"
+    """"cuda" computes on the GPU; "cpu" computes on the CPU against a *simulated* device memory
+    space (same chunk movement, eviction and budgets, two accounting spaces on one machine)."""
+    gpu_budget_bytes: int | None = None
+    """Cap for everything on the device: chunks plus, on CUDA, the non-model memory the trace
+    measured (activations, workspace). None: the card's free memory on CUDA, unlimited when
+    simulated."""
+    cpu_budget_bytes: int | None = None
+    """Cap for host memory the runtime allocates for chunks (pinned memory included). None: no cap."""
+    chunk_elems: int | None = None
+    """Elements per chunk. None: the size with the least waste that holds the largest parameter."""
+    precision: str = "fp32"
+    """"fp32" (param chunks double as master weights), "bf16" (bf16 compute, fp32 master) or
+    "fp16" (fp16 compute, fp32 master, dynamic loss scaling)."""
+    optimizer_placement: str = "auto"
+    """Where AdamW runs per chunk group. "auto": groups whose whole state fits in the device
+    margin the warm-up trace measured run on the device, the rest on the CPU. "host": on the CPU
+    unless the host budget forces a group onto the device. "device": every group on the device
+    (BudgetError if it cannot fit)."""
+    prefetch_depth: int = 2
+    """How many upcoming chunk accesses (in trace order) may be fetched ahead of use."""
+    nonmodel_headroom: float = 0.15
+    """Fraction added to the measured non-model memory when budgeting the device: the trace
+    samples memory at chunk accesses, and transient peaks between them run higher."""
+    align_elems: int = 64
+    """Every parameter starts at a multiple of this many elements inside its chunk."""
+    loss_scale_init: float = 2.0**16
+    """fp16 only: initial dynamic loss scale (as torch.amp.GradScaler)."""
+    loss_scale_growth_interval: int = 2000
+    """fp16 only: good steps between two doublings of the loss scale."""
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"runtime device must be 'cuda' or 'cpu', not {self.device!r}")
+        if self.precision not in _PRECISIONS:
+            raise ConfigError(f"precision must be one of {sorted(_PRECISIONS)}, not {self.precision!r}")
+        if self.optimizer_placement not in _PLACEMENTS:
+            raise ConfigError(f"optimizer_placement must be one of {_PLACEMENTS}")
+        for name in ("gpu_budget_bytes", "cpu_budget_bytes", "chunk_elems"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name} must be positive, not {value}")
+        if self.prefetch_depth < 0 or self.align_elems < 1 or self.nonmodel_headroom < 0:
+            raise ConfigError("prefetch_depth and nonmodel_headroom must be >= 0, align_elems >= 1")
+        if self.loss_scale_init <= 0 or self.loss_scale_growth_interval < 1:
+            raise ConfigError("loss_scale_init must be positive and its growth interval >= 1")
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """dtype of param chunks and of autocast."""
+        return _PRECISIONS[self.precision]
+
+    @property
+    def mixed(self) -> bool:
+        """True when compute runs in half precision against fp32 master weights."""
+        return self.precision != "fp32"

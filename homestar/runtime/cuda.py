@@ -1,0 +1,79 @@
+"""The CUDA device space: real GPU memory, copies on side streams, events for ordering.
+
+Uploads (host -> GPU) run on one side stream, write-backs (GPU -> host) on another; compute
+stays on the current stream. Ordering uses events and stream waits, never a device-wide sync;
+the host blocks only on one chunk's event, right before it touches that chunk's host buffer.
+Tensors used on a stream other than the one that allocated them are `record_stream`ed so the
+caching allocator cannot hand their memory out early. Host buffers are pinned (see
+`memory.HostMemory`); copies from pageable memory would be ~6x slower. This is the only module
+that calls CUDA APIs; the rest of the runtime is shared with the simulated device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from homestar.runtime.memory import DeviceSpace
+
+
+class CudaDevice(DeviceSpace):
+    """GPU memory with chunk budgets, an upload stream and an offload stream."""
+
+    def __init__(self, budget: int | None) -> None:
+        device = torch.device("cuda", torch.cuda.current_device())
+        if budget is None:
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = int(free) + torch.cuda.memory_allocated(device)
+        super().__init__(device, budget)
+        self.upload_stream = torch.cuda.Stream(device)
+        self.offload_stream = torch.cuda.Stream(device)
+
+    def _compute(self) -> torch.cuda.Stream:
+        return torch.cuda.current_stream(self.device)
+
+    def fetch(self, src: torch.Tensor | None, numel: int, dtype: torch.dtype, after: Any) -> tuple[torch.Tensor, Any]:
+        if src is None:
+            # zeros allocated and filled on the compute stream: ordered before their use
+            return self.alloc(numel, dtype, zero=True), None
+        stream = self.upload_stream
+        if after is not None:
+            stream.wait_event(after)  # stream wait: a pending write-back into src lands first
+        with torch.cuda.stream(stream):
+            dev = self.alloc(numel, dtype)  # allocated on the upload stream
+            dev.copy_(src, non_blocking=True)  # async H2D from pinned memory
+            event = torch.cuda.Event()
+            event.record(stream)
+        return dev, event
+
+    def compute_wait(self, event: Any, tensor: torch.Tensor) -> None:
+        compute = self._compute()
+        compute.wait_event(event)  # stream wait, no host sync
+        tensor.record_stream(compute)  # compute uses memory the upload stream allocated
+
+    def write_back(self, dev: torch.Tensor, host: torch.Tensor, after: Any) -> Any:
+        stream = self.offload_stream
+        stream.wait_stream(self._compute())  # stream wait: compute's writes to dev land first
+        if after is not None:
+            stream.wait_event(after)  # stream wait: an upload still reading host finishes first
+        with torch.cuda.stream(stream):
+            host.copy_(dev, non_blocking=True)  # async D2H into pinned memory
+            event = torch.cuda.Event()
+            event.record(stream)
+        dev.record_stream(stream)  # dev's memory is not reused before the copy has read it
+        return event
+
+    def host_wait(self, event: Any) -> None:
+        if event is not None:
+            event.synchronize()  # host sync on one chunk's transfer
+
+    def done(self, event: Any) -> bool:
+        return event is None or event.query()  # non-blocking query
+
+    def nonmodel_bytes(self) -> int:
+        # memory_allocated is a host-side counter: no sync
+        return max(torch.cuda.memory_allocated(self.device) - self.used, 0)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)  # full sync: state export and close only

@@ -1,0 +1,203 @@
+"""The chunked engine: forward/backward, optimizer step, eval and state for one model.
+
+Implements the trainer's Engine protocol (duck-typed) on top of the runtime's pieces: hooks
+bring chunks to the device as modules run, placement keeps the budgets, the tracer records each
+new shape of work and is replayed afterwards, AdamW runs per chunk group where the group lives.
+After the first training trace the engine re-plans which groups live on the device from the
+measured non-model memory. Knows nothing of GPT, data, files or the UI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Hashable
+
+import torch
+from torch import nn
+
+from homestar.optim import StepReport
+from homestar.runtime.binding import ParamTable
+from homestar.runtime.canonical import export_state, import_state
+from homestar.runtime.chunk import ChunkGroup
+from homestar.runtime.config import RuntimeConfig
+from homestar.runtime.homes import GroupBytes, plan_homes
+from homestar.runtime.hooks import Phase, RuntimeHooks
+from homestar.runtime.memory import HostMemory
+from homestar.runtime.optimizer import ChunkAdamW
+from homestar.runtime.placement import Placement
+from homestar.runtime.scaler import LossScaler
+from homestar.runtime.trace import Tracer
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def default_loss(model: nn.Module, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return model(idx, targets)[1]
+
+
+class ChunkedEngine:
+    """Trains one model whose parameters live in chunks (build it with `runtime.attach`)."""
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        config: RuntimeConfig,
+        table: ParamTable,
+        groups: list[ChunkGroup],
+        group_bytes: list[GroupBytes],
+        placement: Placement,
+        host: HostMemory,
+        tracer: Tracer,
+        adamw: ChunkAdamW,
+        loss_fn: LossFn,
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.table = table
+        self.groups = groups
+        self._group_bytes = group_bytes
+        self.placement = placement
+        self.host = host
+        self.tracer = tracer
+        self.adamw = adamw
+        self.loss_fn = loss_fn
+        self.scaler = None
+        if config.precision == "fp16":
+            self.scaler = LossScaler(scale=config.loss_scale_init, growth_interval=config.loss_scale_growth_interval)
+        self.hooks = RuntimeHooks(model, table, placement)
+        self.device = placement.device.device
+        self._closed = False
+
+    # -- the Engine protocol --------------------------------------------------------------
+    def forward_backward(self, idx: torch.Tensor, targets: torch.Tensor, loss_div: float) -> torch.Tensor:
+        idx, targets = self._to_device(idx), self._to_device(targets)
+        self.model.train()
+        with self._work(("train", tuple(idx.shape), tuple(targets.shape))):
+            self.hooks.phase = Phase.FORWARD
+            with self.hooks.saved_tensors(), self._autocast():
+                loss = self.loss_fn(self.model, idx, targets)
+            self.hooks.phase = Phase.BACKWARD
+            scaled = loss / loss_div
+            if self.scaler is not None:
+                scaled = scaled * self.scaler.scale
+            scaled.backward()
+        return loss.detach()
+
+    def step(self, lr: float) -> StepReport:
+        with self._work(("step",)):
+            return self.adamw.step(lr, self.scaler)
+
+    def eval_loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        idx, targets = self._to_device(idx), self._to_device(targets)
+        self.model.eval()
+        with self._work(("eval", tuple(idx.shape), tuple(targets.shape))), torch.no_grad():
+            self.hooks.phase = Phase.FORWARD
+            with self._autocast():
+                loss = self.loss_fn(self.model, idx, targets)
+        return loss.detach()
+
+    @contextlib.contextmanager
+    def inference(self):
+        """Direct no-grad calls of the model (sampling): eval mode, the run's precision, chunks
+        fetched by the hooks as modules run (untraced work, least-recently-used eviction).
+        Inputs must be on `self.device`."""
+        self.model.eval()
+        with self._work(None), torch.no_grad(), self._autocast():
+            self.hooks.phase = Phase.FORWARD
+            yield self.model
+
+    def state_dict(self) -> dict:
+        return export_state(self.table, self.adamw, self.placement, self.scaler)
+
+    def load_state_dict(self, state: dict) -> None:
+        import_state(state, self.table, self.adamw, self.placement, self.scaler)
+
+    def chunk_snapshot(self) -> list[dict]:
+        device = self.placement.device
+        out = []
+        for chunk in self.placement.chunks:
+            if chunk.resident:
+                location = "gpu" if device.done(chunk.ready) else "moving"
+            else:
+                location = "cpu" if device.done(chunk.event) else "moving"
+            out.append({"id": chunk.id, "kind": chunk.kind.snapshot_kind, "location": location,
+                        "bytes": chunk.nbytes, "group": chunk.group})
+        return out
+
+    def memory(self) -> dict[str, float]:
+        device = self.placement.device
+        return {"gpu_mem": float(device.used + device.nonmodel_bytes()), "cpu_mem": float(self.host.used)}
+
+    def close(self) -> None:
+        """Remove the hooks and free device and host memory; parameters stay placeholders."""
+        if self._closed:
+            return
+        self._closed = True
+        self.hooks.remove()
+        self.placement.close()
+
+    # -- extras ---------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Counters for tests and benchmarks: fetches, evictions, write-backs, prefetches,
+        peak accounted device bytes, the device budget and which groups live on the device."""
+        return {
+            **self.placement.stats,
+            "peak_device_bytes": self.placement.peak_device,
+            "device_budget": self.placement.device.budget,
+            "device_groups": [g.index for g in self.groups if g.optimizer_on_device],
+        }
+
+    # -- internals ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _work(self, key: Hashable | None):
+        if self._closed:
+            raise RuntimeError("engine is closed")
+        self.tracer.begin(key)
+        try:
+            yield
+        except BaseException:
+            self.hooks.phase = Phase.IDLE
+            self.placement.abort()
+            self.hooks.reset()
+            self.tracer.abandon()
+            raise
+        self.hooks.phase = Phase.IDLE
+        self.hooks.end_backward()
+        recorded = self.tracer.end()
+        if recorded is not None and recorded.key[0] == "train":
+            self._replan()
+
+    def _replan(self) -> None:
+        """Re-decide device homes from the non-model memory every training trace measured
+        (the largest: every traced shape must keep fitting); migrate groups that change."""
+        peak = max(t.peak_nonmodel for key, t in self.tracer.traces.items() if key[0] == "train")
+        nonmodel = int(peak * (1.0 + self.config.nonmodel_headroom))
+        wanted = plan_homes(
+            self._group_bytes,
+            gpu_cap=_cap(self.placement.device.budget),
+            cpu_cap=_cap(self.host.budget),
+            nonmodel=nonmodel,
+            policy=self.config.optimizer_placement,
+            fill=True,
+        )
+        for group, on_device in zip(self.groups, wanted):
+            if on_device and not group.optimizer_on_device:
+                for chunk in group.chunks():
+                    self.placement.home_on_device(chunk)
+            elif group.optimizer_on_device and not on_device:
+                for chunk in group.chunks():
+                    self.placement.home_on_host(chunk)
+            group.optimizer_on_device = on_device
+
+    def _autocast(self):
+        if not self.config.mixed:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.config.compute_dtype)
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.device, non_blocking=True)
+
+
+def _cap(budget: int | None) -> float:
+    return float("inf") if budget is None else float(budget)

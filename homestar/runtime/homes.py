@@ -1,0 +1,87 @@
+"""Where each chunk group lives: a pure decision from sizes and budgets.
+
+A group homed on the device keeps all its chunks there and runs AdamW there; every other group
+is homed on the host (pinned memory on CUDA), its param chunk cached on the device while used,
+its AdamW on the CPU. Groups go to the device (last groups first: backward produces their grads
+first) when the host budget cannot hold them, when the policy says "device", or ("auto", once a
+trace measured the non-model memory) when the margin left after activations, cached param
+chunks and one grad chunk holds their whole state. Raises BudgetError, with the numbers, when
+the model cannot fit in both budgets. Allocates nothing; knows nothing of tensors or models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from homestar.errors import BudgetError
+from homestar.runtime.memory import fmt_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class GroupBytes:
+    """Bytes of one chunk group by role."""
+
+    param: int
+    grad: int
+    rest: int
+    """Master (when separate from param) plus both Adam moments."""
+
+    @property
+    def total(self) -> int:
+        return self.param + self.grad + self.rest
+
+    @property
+    def state(self) -> int:
+        return self.grad + self.rest
+
+
+def plan_homes(
+    groups: list[GroupBytes], *, gpu_cap: float, cpu_cap: float, nonmodel: int, policy: str, fill: bool
+) -> list[bool]:
+    """True per group that lives on the device. `fill`: also use the measured margin ("auto")."""
+    home = [policy == "device"] * len(groups)
+    host_need = sum(g.total for g, dev in zip(groups, home) if not dev)
+    for i in reversed(range(len(groups))):
+        if host_need <= cpu_cap:
+            break
+        if not home[i]:
+            home[i] = True
+            host_need -= groups[i].total
+    device_need = nonmodel + sum(g.total for g, dev in zip(groups, home) if dev) + working_set(groups, home)
+    if host_need > cpu_cap or device_need > gpu_cap:
+        raise BudgetError(_explain(groups, gpu_cap, cpu_cap, nonmodel))
+    if fill and policy == "auto":
+        cached = sum(g.param for g, dev in zip(groups, home) if not dev)
+        margin = gpu_cap - nonmodel - sum(g.total for g, dev in zip(groups, home) if dev) - cached
+        margin -= max((g.grad for g in groups), default=0)
+        for i in reversed(range(len(groups))):
+            if not home[i] and groups[i].state <= margin:
+                home[i] = True
+                margin -= groups[i].state
+    return home
+
+
+def working_set(groups: list[GroupBytes], home: list[bool]) -> int:
+    """Least device memory streamed groups need: two param chunks (a module's params may
+    straddle two) and the grad chunk being accumulated into."""
+    streamed = [g for g, dev in zip(groups, home) if not dev]
+    if not streamed:
+        return 0
+    return 2 * max(g.param for g in streamed) + max(g.grad for g in streamed)
+
+
+def _explain(groups: list[GroupBytes], gpu_cap: float, cpu_cap: float, nonmodel: int) -> str:
+    total = sum(g.total for g in groups)
+    least = working_set(groups, [False] * len(groups))
+    parts = [
+        f"the model's chunks (params, grads, fp32 master, Adam moments) need {fmt_bytes(total)}",
+        f"host budget {_cap(cpu_cap)}",
+        f"device budget {_cap(gpu_cap)} (at least {fmt_bytes(least)} of it for the working set"
+        + (f", {fmt_bytes(nonmodel)} for activations" if nonmodel else "")
+        + ")",
+    ]
+    return "; ".join(parts) + ": raise a budget, use a smaller model or smaller chunks"
+
+
+def _cap(cap: float) -> str:
+    return "unlimited" if cap == float("inf") else fmt_bytes(cap)

@@ -1,0 +1,168 @@
+"""Hooks that fetch parameters' chunks for compute and gather gradients into grad chunks.
+
+- Forward: a module's pre-hook acquires the chunks of the parameters it owns and binds them;
+  its post-hook releases and unbinds them (nested and repeated calls count uses).
+- Saved tensors: while the engine runs forward, autograd's saved tensors that view a param
+  chunk are packed as (chunk, geometry) instead of holding device memory; backward's unpack
+  fetches the chunk again (wherever it went meanwhile) and holds it for backward.
+- Activation checkpointing (non-reentrant): recompute runs the pre-hooks again during backward;
+  there they hold the chunk for backward (recompute may stop early, so no post-hook is relied on).
+- Gradients: a post-accumulate-grad hook adds each parameter's gradient into its slot of the
+  grad chunk (fp32), drops `.grad`, and ends the parameter's backward hold. Tied parameters
+  get one accumulated gradient from autograd; parameters that get none are swept by `end_backward`.
+Knows nothing of the optimizer, the trainer or what the model is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import nn
+
+from homestar.runtime.binding import ParamInfo, ParamTable
+from homestar.runtime.chunk import Chunk, Kind
+from homestar.runtime.placement import Placement
+from homestar.runtime.states import Move, TensorState
+
+
+_SETTLED = (TensorState.HOLD, TensorState.FREE)
+
+
+class Phase(Enum):
+    IDLE = "idle"
+    FORWARD = "forward"
+    BACKWARD = "backward"
+
+
+@dataclass(frozen=True, slots=True)
+class _Packed:
+    """A saved tensor that viewed a param chunk, kept as geometry instead of memory."""
+
+    chunk: Chunk
+    size: torch.Size
+    stride: tuple[int, ...]
+    offset: int
+
+
+class RuntimeHooks:
+    """Installs and serves the module, saved-tensor and gradient hooks for one model."""
+
+    def __init__(self, model: nn.Module, table: ParamTable, placement: Placement) -> None:
+        self.table = table
+        self.placement = placement
+        self.phase = Phase.IDLE
+        self._backward_held: set[int] = set()
+        self._open: dict[nn.Module, list[list[ParamInfo]]] = {}
+        """Per module, a stack (nested calls) of the parameters each running call acquired."""
+        self._handles = []
+        for module in model.modules():
+            owned = self._owned(module)
+            if owned:
+                self._handles.append(module.register_forward_pre_hook(self._make_pre(owned)))
+                self._handles.append(module.register_forward_hook(self._make_post(owned), always_call=True))
+        for info in table:
+            if info.param.requires_grad:
+                self._handles.append(info.param.register_post_accumulate_grad_hook(self._grad_hook))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def saved_tensors(self) -> torch.autograd.graph.saved_tensors_hooks:
+        """Context for the forward pass: pack chunk views as geometry, re-fetch on unpack."""
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    # -- forward --------------------------------------------------------------------------
+    def _owned(self, module: nn.Module) -> list[ParamInfo]:
+        infos = [self.table.of(p) for p in module._parameters.values() if p is not None]
+        return [info for info in infos if info is not None]
+
+    def _make_pre(self, owned: list[ParamInfo]):
+        by_chunk: dict[int, list[ParamInfo]] = {}
+        for info in owned:
+            by_chunk.setdefault(info.group.param.id, []).append(info)
+        batches = [(infos[0].group.param, infos) for infos in by_chunk.values()]
+
+        def pre_hook(module, args):
+            taken: list[ParamInfo] = []
+            self._open.setdefault(module, []).append(taken)  # what the post-hook releases
+            for chunk, infos in batches:  # one access per chunk, not per parameter
+                if self.phase is Phase.BACKWARD:
+                    for info in infos:
+                        self._hold_for_backward(info)  # recompute: released when the grad arrives
+                else:
+                    self.placement.acquire(chunk, [info.index for info in infos])
+                    taken.extend(infos)
+                for info in infos:
+                    self.table.bind(info, chunk.device)
+
+        return pre_hook
+
+    def _make_post(self, owned: list[ParamInfo]):
+        def post_hook(module, args, output):
+            calls = self._open.get(module)
+            for info in calls.pop() if calls else ():
+                chunk = info.group.param
+                self.placement.release(chunk, [info.index], Move.RELEASE_FWD)
+                if chunk.records[info.index].state is not TensorState.COMPUTE:
+                    self.table.unbind(info)
+
+        return post_hook
+
+    # -- saved tensors --------------------------------------------------------------------
+    def _pack(self, tensor: torch.Tensor):
+        chunk = self.placement.owner_of(tensor)
+        if chunk is None or chunk.kind is not Kind.PARAM:
+            return tensor
+        return _Packed(chunk, tensor.size(), tensor.stride(), tensor.storage_offset())
+
+    def _unpack(self, packed):
+        if not isinstance(packed, _Packed):
+            return packed
+        slot = packed.chunk.slot_at(packed.offset)
+        if slot is not None:
+            self._hold_for_backward(self.table.infos[slot.index])
+        return packed.chunk.device.as_strided(packed.size, packed.stride, packed.offset)
+
+    def _hold_for_backward(self, info: ParamInfo) -> None:
+        """Acquire a parameter's chunk for backward, once per backward pass."""
+        if info.index not in self._backward_held:
+            self.placement.acquire(info.group.param, [info.index])
+            self._backward_held.add(info.index)
+
+    def _end_hold(self, info: ParamInfo) -> None:
+        if info.index in self._backward_held:
+            self._backward_held.discard(info.index)
+            self.table.unbind(info)
+            self.placement.release(info.group.param, [info.index], Move.RELEASE_BWD)
+
+    # -- gradients ------------------------------------------------------------------------
+    def _grad_hook(self, param: torch.Tensor) -> None:
+        info = self.table.of(param)
+        grad, param.grad = param.grad, None
+        chunk = info.group.grad
+        device_tensor = self.placement.acquire(chunk, [info.index])
+        chunk.view(device_tensor, info.slot, info.shape).add_(grad)  # fp32 accumulate, casts
+        self.placement.release(chunk, [info.index], Move.RELEASE_BWD, wrote=True)
+        info.has_grad = True
+        self._end_hold(info)
+        self.placement.offload_if_done(chunk)
+
+    def end_backward(self) -> None:
+        """End every backward hold still open (params that got no gradient) and reset states."""
+        for index in sorted(self._backward_held):
+            self._end_hold(self.table.infos[index])
+        self.reset()
+
+    def reset(self) -> None:
+        """End of a forward (and backward): every tensor back to HOLD (or FREE), all unbound."""
+        self._backward_held.clear()
+        self._open.clear()
+        self.table.unbind_all()
+        for info in self.table:
+            for chunk in (info.group.param, info.group.grad):
+                if chunk.records[info.index].state not in _SETTLED:
+                    self.placement.move(chunk, info.index, Move.RESET)

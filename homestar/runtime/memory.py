@@ -1,0 +1,151 @@
+"""Memory spaces: where chunk bytes live, what they cost, and how they move.
+
+A space allocates plain tensors and keeps the books (bytes in use, peak, budget). The host space
+pools its buffers: once allocated (pinned, on a CUDA machine) a buffer is reused, never freed
+before `close`. A device space also owns the copy primitive between it and the host: the
+simulated device here copies synchronously inside CPU memory; `cuda.CudaDevice` uses side
+streams and events. Everything above this module is the same for both. Knows nothing of chunks'
+meaning, models or training.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from homestar.errors import BudgetError
+
+GIB = float(1 << 30)
+
+
+def fmt_bytes(nbytes: float) -> str:
+    return f"{nbytes / GIB:.3f} GiB" if nbytes >= (1 << 26) else f"{nbytes / (1 << 20):.2f} MiB"
+
+
+class MemorySpace:
+    """Byte accounting for one kind of memory, with an optional budget."""
+
+    name = "cpu"
+
+    def __init__(self, device: torch.device, budget: int | None) -> None:
+        self.device = device
+        self.budget = budget
+        self.used = 0
+        self.peak = 0
+
+    def room(self, reserve: int = 0) -> float:
+        """Bytes still allocatable while keeping `reserve` bytes free for others."""
+        return float("inf") if self.budget is None else self.budget - reserve - self.used
+
+    def alloc(self, numel: int, dtype: torch.dtype, *, zero: bool = False) -> torch.Tensor:
+        nbytes = numel * dtype.itemsize
+        self._charge(nbytes)
+        out = self._new(numel, dtype)
+        return out.zero_() if zero else out
+
+    def free(self, tensor: torch.Tensor) -> None:
+        self.used -= tensor.numel() * tensor.element_size()
+
+    def _charge(self, nbytes: int) -> None:
+        if self.budget is not None and self.used + nbytes > self.budget:
+            raise BudgetError(
+                f"{self.name} budget of {fmt_bytes(self.budget)} exceeded: "
+                f"{fmt_bytes(self.used)} in use, {fmt_bytes(nbytes)} more needed"
+            )
+        self.used += nbytes
+        self.peak = max(self.peak, self.used)
+
+    def _new(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(numel, dtype=dtype, device=self.device)
+
+
+class HostMemory(MemorySpace):
+    """Host memory for chunks; buffers are pooled and reused (pinned when `pin`)."""
+
+    name = "cpu"
+
+    def __init__(self, budget: int | None, *, pin: bool) -> None:
+        super().__init__(torch.device("cpu"), budget)
+        self.pin = pin
+        self._pool: dict[tuple[int, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+
+    def alloc(self, numel: int, dtype: torch.dtype, *, zero: bool = False) -> torch.Tensor:
+        pooled = self._pool[(numel, dtype)]
+        out = pooled.pop() if pooled else super().alloc(numel, dtype)
+        return out.zero_() if zero else out
+
+    def free(self, tensor: torch.Tensor) -> None:
+        """Return a buffer to the pool; it stays allocated (and counted) for reuse."""
+        self._pool[(tensor.numel(), tensor.dtype)].append(tensor)
+
+    def release(self, tensor: torch.Tensor) -> None:
+        """Give a buffer back for good (its bytes stop counting against the budget)."""
+        super().free(tensor)
+
+    def close(self) -> None:
+        self._pool.clear()
+        self.used = 0
+
+    def _new(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        # cost: a pinned allocation is a slow driver call that locks pages; done once per buffer.
+        return torch.empty(numel, dtype=dtype, pin_memory=self.pin)
+
+
+class DeviceSpace(MemorySpace):
+    """The compute side: allocation plus the copy primitive to and from the host.
+
+    Events are opaque: None means "already complete". `fetch` and `write_back` take the event
+    of the chunk's last transfer (`after`) and order themselves behind it.
+    """
+
+    name = "gpu"
+
+    def fetch(self, src: torch.Tensor | None, numel: int, dtype: torch.dtype, after: Any) -> tuple[torch.Tensor, Any]:
+        """A new device tensor holding `src` (a host buffer), or zeros when `src` is None."""
+        raise NotImplementedError
+
+    def write_back(self, dev: torch.Tensor, host: torch.Tensor, after: Any) -> Any:
+        """Copy a device tensor into its host buffer; returns the copy's event."""
+        raise NotImplementedError
+
+    def compute_wait(self, event: Any, tensor: torch.Tensor) -> None:
+        """Make compute wait for `event` before it uses `tensor` (no host sync)."""
+
+    def host_wait(self, event: Any) -> None:
+        """Block the host until `event` completes (a sync: call only before host access)."""
+
+    def done(self, event: Any) -> bool:
+        return event is None
+
+    def nonmodel_bytes(self) -> int:
+        """Device bytes in use that are not chunks (activations, workspace)."""
+        return 0
+
+    def synchronize(self) -> None:
+        """Wait for all queued device work (used at close and for state export)."""
+
+    def close(self) -> None:
+        self.used = 0
+
+
+class SimulatedDevice(DeviceSpace):
+    """A device memory space simulated in CPU memory: budgets and copies are real, speed is not.
+
+    Only chunks are charged here (activations live in ordinary CPU memory), so the accounted bytes
+    are exactly the resident chunks.
+    """
+
+    def __init__(self, budget: int | None) -> None:
+        super().__init__(torch.device("cpu"), budget)
+
+    def fetch(self, src: torch.Tensor | None, numel: int, dtype: torch.dtype, after: Any) -> tuple[torch.Tensor, Any]:
+        dev = self.alloc(numel, dtype, zero=src is None)
+        if src is not None:
+            dev.copy_(src)  # synchronous copy between the two simulated spaces
+        return dev, None
+
+    def write_back(self, dev: torch.Tensor, host: torch.Tensor, after: Any) -> Any:
+        host.copy_(dev)
+        return None

@@ -1,0 +1,277 @@
+"""Placement: keeps chunks where compute and the optimizer need them, within the budgets.
+
+The device is a cache over host-homed chunks plus the chunks homed on the device. `acquire`
+brings a chunk to the device (evicting held chunks, Belady on the trace), marks its tensors
+COMPUTE and prefetches what the trace says comes next; `release` ends the use. Host access
+(`host_tensor`) writes back a newer device copy first. Every state change goes through
+`states.transition`. The same code runs on the simulated device and on CUDA; only the
+`DeviceSpace` differs. Knows nothing of modules, autograd or the optimizer's maths.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from homestar.errors import BudgetError
+from homestar.runtime.chunk import Chunk
+from homestar.runtime.eviction import choose_victims
+from homestar.runtime.memory import DeviceSpace, HostMemory, fmt_bytes
+from homestar.runtime.states import Move, StateError, TensorState
+from homestar.runtime.trace import Tracer
+
+
+class Placement:
+    """Moves chunks between the host and the device; owns the budgets' enforcement."""
+
+    def __init__(
+        self, chunks: list[Chunk], device: DeviceSpace, host: HostMemory, tracer: Tracer, *,
+        prefetch_depth: int, headroom: float = 0.0,
+    ) -> None:
+        self.chunks = chunks
+        self.device = device
+        self.host = host
+        self.tracer = tracer
+        self.prefetch_depth = prefetch_depth
+        self.headroom = headroom
+        self._by_ptr: dict[int, Chunk] = {}
+        self._cached: dict[int, Chunk] = {}
+        """Host-homed chunks with a device copy: the only eviction candidates."""
+        self.stats = {"fetches": 0, "evictions": 0, "writebacks": 0, "prefetches": 0}
+        self.peak_device = 0
+        """Highest accounted device bytes seen: resident chunks plus measured non-model memory."""
+
+    # -- compute access -------------------------------------------------------------------
+    def acquire(self, chunk: Chunk, indices: Iterable[int]) -> torch.Tensor:
+        """Bring `chunk` to the device, mark the given slots COMPUTE, prefetch; device tensor."""
+        self.tracer.access(chunk.id, self._nonmodel())
+        chunk.last_access = self.tracer.clock
+        resident, empty = chunk.resident, chunk.is_empty()
+        for index in indices:
+            chunk.move(index, Move.ACQUIRE)  # first: in use, it cannot be chosen as a victim
+        # also when resident: activations may have grown into the chunks' share of the budget
+        self._make_room(0 if resident else chunk.nbytes)
+        if not resident:
+            self._fetch(chunk, make_room=False, empty=empty)
+        if chunk.ready is not None:
+            self.device.compute_wait(chunk.ready, chunk.device)  # stream wait, no host sync
+            chunk.ready = None
+        self._note_peak()
+        self.prefetch()
+        return chunk.device
+
+    def release(self, chunk: Chunk, indices: Iterable[int], move: Move, *, wrote: bool = False) -> None:
+        """End a use of the given slots; `wrote` marks the device copy newer than the host's."""
+        for index in indices:
+            chunk.move(index, move)
+        if wrote and chunk.home == "host" and chunk.resident:
+            chunk.device_dirty = True
+
+    def move(self, chunk: Chunk, index: int, move: Move) -> None:
+        """A state move of one slot outside acquire/release (reset, fill, clear)."""
+        chunk.move(index, move)
+
+    def offload_if_done(self, chunk: Chunk) -> None:
+        """Write a held chunk back now if the trace says this run will not use it again."""
+        if chunk.resident and chunk.home == "host" and not chunk.in_use() and self.tracer.replaying:
+            if self.tracer.distance(chunk.id) == float("inf"):
+                self._evict(chunk)
+
+    def owner_of(self, tensor: torch.Tensor) -> Chunk | None:
+        """The chunk whose device copy `tensor` views, if any."""
+        return self._by_ptr.get(tensor.untyped_storage().data_ptr())
+
+    # -- host access ----------------------------------------------------------------------
+    def host_tensor(self, chunk: Chunk, *, drop_device: bool) -> torch.Tensor:
+        """The chunk's host buffer holding its latest data, safe for the host to read or write.
+
+        Writes back a newer device copy (and drops the device copy when `drop_device`); then
+        waits for the chunk's transfers (a host sync on one event).
+        """
+        if chunk.home != "host":
+            raise RuntimeError(f"{chunk!r} has no host buffer")
+        if chunk.resident and (drop_device or chunk.device_dirty):
+            if chunk.in_use():
+                raise RuntimeError(f"{chunk!r} is in use on the device")
+            if drop_device:
+                self._evict(chunk)
+            else:
+                chunk.event = self.device.write_back(chunk.device, chunk.host, chunk.event)
+                chunk.device_dirty = False
+                self.stats["writebacks"] += 1
+        self.device.host_wait(chunk.event)  # sync: the host touches this buffer next
+        chunk.event = None
+        return chunk.host
+
+    def acquire_on_host(self, chunk: Chunk, indices: Iterable[int]) -> torch.Tensor:
+        """Make the host buffer authoritative (device copy dropped) and mark slots COMPUTE."""
+        host = self.host_tensor(chunk, drop_device=True)
+        for index in indices:
+            chunk.move(index, Move.ACQUIRE)
+        return host
+
+    def writable(self, chunk: Chunk) -> torch.Tensor:
+        """The chunk's home copy, safe to overwrite from the host (a host-homed chunk's device
+        copy is dropped: it would be stale)."""
+        if chunk.home == "host":
+            return self.host_tensor(chunk, drop_device=True)
+        return chunk.device
+
+    def allocate_home(self, chunk: Chunk) -> None:
+        """Give a new chunk zeroed memory in its home space."""
+        if chunk.home == "host":
+            chunk.host = self.host.alloc(chunk.numel, chunk.dtype, zero=True)
+            return
+        self._make_room(chunk.nbytes)
+        chunk.device = self.device.alloc(chunk.numel, chunk.dtype, zero=True)
+        self._by_ptr[chunk.device.untyped_storage().data_ptr()] = chunk
+        self._note_peak()
+
+    def abort(self) -> None:
+        """After a failure mid-run: end every use still open so the chunks can move again."""
+        for chunk in self.chunks:
+            for index, record in chunk.records.items():
+                while record.state is TensorState.COMPUTE:
+                    chunk.move(index, Move.RELEASE)
+
+    def drop_device_copy(self, chunk: Chunk) -> None:
+        """Forget a host-homed chunk's device copy without writing it back (the host is newer)."""
+        if chunk.resident and chunk.home == "host":
+            if chunk.in_use():
+                raise RuntimeError(f"{chunk!r} is in use on the device")
+            self._discard(chunk)
+
+    def read(self, chunk: Chunk) -> torch.Tensor:
+        """A CPU tensor with the chunk's latest data (a view of the host buffer, or a copy)."""
+        if chunk.home == "host":
+            return self.host_tensor(chunk, drop_device=False)
+        self.device.synchronize()  # sync: state export only
+        return chunk.device.to("cpu", copy=True)
+
+    # -- homes ----------------------------------------------------------------------------
+    def home_on_device(self, chunk: Chunk) -> None:
+        """Make the device copy the only copy; the host buffer returns to the pool."""
+        if chunk.home == "device":
+            return
+        if not chunk.resident:
+            self._fetch(chunk)
+        self.device.host_wait(chunk.event)  # sync: the host buffer is about to be reused
+        self.host.release(chunk.host)
+        self._cached.pop(chunk.id, None)
+        chunk.forget_views()
+        chunk.host, chunk.event, chunk.home, chunk.device_dirty = None, None, "device", False
+        self._note_peak()
+
+    def home_on_host(self, chunk: Chunk) -> None:
+        """Give a device-homed chunk a host buffer; its device copy stays as a clean cache."""
+        if chunk.home == "host":
+            return
+        chunk.host = self.host.alloc(chunk.numel, chunk.dtype)
+        chunk.event = self.device.write_back(chunk.device, chunk.host, None)
+        chunk.home, chunk.device_dirty = "host", False
+        self._cached[chunk.id] = chunk
+
+    def clear(self, chunk: Chunk) -> None:
+        """Discard the chunk's data (grads after a step): all slots FREE, zero on next use."""
+        if chunk.in_use():
+            raise StateError(f"illegal move clear for {chunk!r}: it is in use")
+        for index in chunk.records:
+            chunk.move(index, Move.CLEAR)
+        if chunk.home == "device":
+            chunk.device.zero_()  # device-homed chunks always hold valid data
+        else:
+            self.drop_device_copy(chunk)
+
+    # -- prefetch, fetch, evict -----------------------------------------------------------
+    def prefetch(self) -> None:
+        """Fetch the next chunks of the replayed trace if room exists (Belady-consistent)."""
+        for chunk_id in self.tracer.upcoming(self.prefetch_depth):
+            chunk = self.chunks[chunk_id]
+            if chunk.resident or chunk.is_empty():
+                continue
+            wanted = self.tracer.distance(chunk_id)
+            victims = choose_victims(self._candidates(), chunk.nbytes, self._room(), self._distance, farther_than=wanted)
+            if victims is None:
+                return
+            for victim in victims:
+                self._evict(victim)
+            self._fetch(chunk, make_room=False)
+            self.stats["prefetches"] += 1
+
+    def _fetch(self, chunk: Chunk, *, make_room: bool = True, empty: bool | None = None) -> None:
+        if make_room:
+            self._make_room(chunk.nbytes)
+        empty = chunk.is_empty() if empty is None else empty
+        src = None if empty else chunk.host  # an empty chunk needs zeros, not a copy
+        chunk.device, chunk.ready = self.device.fetch(src, chunk.numel, chunk.dtype, chunk.event)
+        if src is not None:
+            chunk.event = chunk.ready  # the upload reads the host buffer until then
+        chunk.device_dirty = False
+        self._by_ptr[chunk.device.untyped_storage().data_ptr()] = chunk
+        if chunk.home == "host":
+            self._cached[chunk.id] = chunk
+        self.stats["fetches"] += 1
+        self._note_peak()
+
+    def _make_room(self, need: int) -> None:
+        room = self._room()
+        if room >= need:
+            return
+        victims = choose_victims(self._candidates(), need, room, self._distance)
+        if victims is None:
+            in_use = sum(c.nbytes for c in self.chunks if c.resident and (c.in_use() or c.home == "device"))
+            raise BudgetError(
+                f"device budget of {fmt_bytes(self.device.budget or 0)} too small: {fmt_bytes(in_use)} of chunks "
+                f"in use or living there, {fmt_bytes(self._reserve())} for activations and workspace, "
+                f"{fmt_bytes(need)} more needed; lower the micro-batch or raise the budget"
+            )
+        for victim in victims:
+            self._evict(victim)
+
+    def _evict(self, chunk: Chunk) -> None:
+        if chunk.device_dirty and not chunk.is_empty():
+            chunk.event = self.device.write_back(chunk.device, chunk.host, chunk.event)  # async D2H
+            self.stats["writebacks"] += 1
+        self._discard(chunk)
+        self.stats["evictions"] += 1
+
+    def _discard(self, chunk: Chunk) -> None:
+        del self._by_ptr[chunk.device.untyped_storage().data_ptr()]
+        self._cached.pop(chunk.id, None)
+        chunk.forget_views()
+        self.device.free(chunk.device)
+        chunk.device, chunk.ready, chunk.device_dirty = None, None, False
+
+    def _candidates(self) -> list[Chunk]:
+        return [c for c in self._cached.values() if not c.computing]
+
+    def _distance(self, chunk: Chunk) -> float:
+        return self.tracer.distance(chunk.id)
+
+    def _reserve(self) -> int:
+        """Device bytes to leave for non-model memory now: the trace's forecast for the coming
+        moments (or, untraced, what is in use now), plus the configured headroom."""
+        traced = self.tracer.reserve()
+        measured = traced if traced is not None else self.device.nonmodel_bytes()
+        return int(measured * (1.0 + self.headroom))
+
+    def _room(self) -> float:
+        return self.device.room(self._reserve())
+
+    def _nonmodel(self) -> int:
+        return self.device.nonmodel_bytes()
+
+    def _note_peak(self) -> None:
+        self.peak_device = max(self.peak_device, self.device.used + self._nonmodel())
+
+    def close(self) -> None:
+        """Forget every chunk's memory (after a device sync); the spaces' books go to zero."""
+        self.device.synchronize()  # sync: queued copies must finish before memory goes away
+        for chunk in self.chunks:
+            chunk.host = chunk.device = chunk.event = chunk.ready = None
+            chunk.forget_views()
+        self._by_ptr.clear()
+        self._cached.clear()
+        self.device.close()
+        self.host.close()

@@ -1,0 +1,82 @@
+"""The state of every tensor in a chunk, and the one function that moves it.
+
+A tensor (one parameter's slot in a param, grad, master or moment chunk) is
+  FREE            holds no data (a grad not yet produced, a moment before the first step);
+  HOLD            holds data, not in use;
+  COMPUTE         in use by compute: its chunk must stay where it is (refs counts nested uses);
+  HOLD_AFTER_FWD  used by this forward, may be needed again by backward;
+  HOLD_AFTER_BWD  done with for this backward.
+A chunk is in use (pinned to its memory) while any of its tensors is in COMPUTE; otherwise it is
+held and may be evicted. Every change goes through `transition`, which raises `StateError` on a
+move the table does not allow, so a bookkeeping bug fails where it happens. Knows nothing of
+memory, devices or models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+
+class TensorState(IntEnum):  # IntEnum: hashed and compared in C, on every chunk access
+    FREE = 0
+    HOLD = 1
+    COMPUTE = 2
+    HOLD_AFTER_FWD = 3
+    HOLD_AFTER_BWD = 4
+
+
+class Move(IntEnum):
+    FILL = 0         # data written from outside (init, load): -> HOLD
+    ACQUIRE = 1      # compute starts using it: -> COMPUTE (nested uses count)
+    RELEASE_FWD = 2  # a forward use ended
+    RELEASE_BWD = 3  # the backward use ended
+    RELEASE = 4      # another use (optimizer, eval) ended
+    RESET = 5        # end of an iteration: HOLD_AFTER_* -> HOLD
+    CLEAR = 6        # data discarded (grads after a step): -> FREE
+
+
+class StateError(RuntimeError):
+    """An illegal tensor state transition: a bug in the runtime's bookkeeping."""
+
+
+@dataclass(slots=True)
+class TensorRecord:
+    """Mutable state of one tensor slot; change it only through `transition`."""
+
+    state: TensorState = TensorState.FREE
+    refs: int = 0
+    """Uses in flight while COMPUTE (a module called inside itself, a tied weight)."""
+
+
+_S = TensorState
+_HELD = (_S.HOLD, _S.HOLD_AFTER_FWD, _S.HOLD_AFTER_BWD)
+_RELEASE_TARGET = {Move.RELEASE_FWD: _S.HOLD_AFTER_FWD, Move.RELEASE_BWD: _S.HOLD_AFTER_BWD, Move.RELEASE: _S.HOLD}
+_ALLOWED_FROM: dict[Move, tuple[TensorState, ...]] = {
+    Move.FILL: (_S.FREE, *_HELD),
+    Move.ACQUIRE: (_S.FREE, *_HELD, _S.COMPUTE),
+    Move.RELEASE_FWD: (_S.COMPUTE,),
+    Move.RELEASE_BWD: (_S.COMPUTE,),
+    Move.RELEASE: (_S.COMPUTE,),
+    Move.RESET: (_S.FREE, *_HELD),
+    Move.CLEAR: (_S.FREE, *_HELD),
+}
+
+
+def transition(record: TensorRecord, move: Move, *, what: str = "tensor") -> TensorState:
+    """Apply `move` to `record` and return the new state; raise StateError if illegal."""
+    if record.state not in _ALLOWED_FROM[move]:
+        raise StateError(f"illegal move {move.name.lower()} for {what} in state {record.state.name.lower()}")
+    if move is Move.ACQUIRE:
+        record.state, record.refs = _S.COMPUTE, record.refs + 1
+    elif move in _RELEASE_TARGET:
+        record.refs -= 1
+        if record.refs == 0:
+            record.state = _RELEASE_TARGET[move]
+    elif move is Move.FILL:
+        record.state = _S.HOLD
+    elif move is Move.RESET:
+        record.state = _S.FREE if record.state is _S.FREE else _S.HOLD
+    else:
+        record.state = _S.FREE
+    return record.state

@@ -1,0 +1,108 @@
+"""Turning a RunConfig into live objects: the model, the engine that trains it, the token streams.
+
+The one place where the trainer meets the model, the data pipeline and the chunk runtime, so the
+loop itself (trainer.py) stays ignorant of all three.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from homestar.errors import ConfigError
+from homestar.optim import OptimConfig
+from homestar.train.config import RunConfig
+
+GIB = 2**30
+
+
+def resolve_device(device: str) -> str:
+    """"auto" -> "cuda" when a GPU is usable, else "cpu"; "cuda" without a GPU is a user error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but no CUDA GPU is usable here")
+    return device
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """"auto" -> bf16 on GPUs that have it, fp16 on older GPUs, fp32 on the CPU."""
+    if precision != "auto":
+        return precision
+    if device == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def optim_config(config: RunConfig) -> OptimConfig:
+    return OptimConfig(lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay,
+                       grad_clip=config.grad_clip)
+
+
+def build_model(config: RunConfig):
+    """The GPT of this run, initialised deterministically from the run's seed (on the CPU)."""
+    from homestar.model import GPT, GPTConfig
+
+    torch.manual_seed(config.seed)
+    model = GPT(GPTConfig(**config.model), checkpoint_activations=config.activation_checkpointing)
+    return model
+
+
+def cap_gpu_memory(config: RunConfig) -> None:
+    """Make the CUDA allocator refuse memory beyond --gpu-mem-gib (simulates a smaller card)."""
+    if config.device != "cuda" or config.gpu_mem_gib is None:
+        return
+    total = torch.cuda.get_device_properties(0).total_memory
+    wanted = config.gpu_mem_gib * GIB
+    if wanted > total:
+        raise ConfigError(f"--gpu-mem-gib {config.gpu_mem_gib} is more than this GPU has ({total / GIB:.1f} GiB)")
+    torch.cuda.set_per_process_memory_fraction(wanted / total)
+
+
+def build_engine(config: RunConfig, model):
+    """The engine that trains `model`: the chunk runtime, or plain PyTorch for --runtime torch."""
+    optim = optim_config(config)
+    cap_gpu_memory(config)
+    if config.runtime == "torch":
+        from homestar.train.torch_engine import TorchEngine
+
+        return TorchEngine(model, optim, device=config.device, precision=config.precision)
+    from homestar.runtime import RuntimeConfig, attach
+
+    runtime = RuntimeConfig(
+        device=config.device,
+        gpu_budget_bytes=None if config.gpu_mem_gib is None else int(config.gpu_mem_gib * GIB),
+        cpu_budget_bytes=None if config.cpu_mem_gib is None else int(config.cpu_mem_gib * GIB),
+        chunk_elems=config.chunk_elems,
+        precision=config.precision,
+    )
+    return attach(model, runtime, optim)
+
+
+@dataclass(kw_only=True, slots=True)
+class RunData:
+    """The run's tokenizer and token arrays, loaded from the run folder and the token cache."""
+
+    tokenizer: object
+    train: object
+    val: object
+
+
+def load_run_data(config: RunConfig, run_dir: Path) -> RunData:
+    """Tokenizer from RUN_DIR/tokenizer.json, tokens from the cache (rebuilt if missing)."""
+    from homestar.data import load_tokenizer, load_tokens, resolve_source, tokenizer_hash
+    from homestar.errors import DataError
+    from homestar.paths import cache_dir
+
+    source = resolve_source(config.data["source"])
+    if source.fingerprint != config.data["fingerprint"]:
+        raise DataError(f"the data at {config.data['source']} changed since this run started; "
+                        "resume needs the same data")
+    tokenizer = load_tokenizer(source, config.model["vocab_size"], cache_dir=cache_dir(),
+                               tokenizer_path=run_dir / "tokenizer.json")
+    if tokenizer_hash(tokenizer) != config.tokenizer_hash:
+        raise ConfigError(f"{run_dir / 'tokenizer.json'} does not match the run's tokenizer hash")
+    tokens = load_tokens(source, tokenizer, cache_dir=cache_dir())
+    return RunData(tokenizer=tokenizer, train=tokens.train, val=tokens.val)

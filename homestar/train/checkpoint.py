@@ -1,0 +1,176 @@
+"""Checkpoints: written atomically, validated on load, last K kept.
+
+Layout of `RUN_DIR/checkpoints/step_NNNNNNN/`:
+  model.safetensors       fp32 weights by parameter name (canonical engine state)
+  optimizer.safetensors   "exp_avg/<name>" and "exp_avg_sq/<name>" fp32 moments
+  rng.safetensors         torch CPU (and CUDA) generator states
+  state.json              trainer step, optimizer step and extras, data cursor, Python RNG
+  manifest.json           size and sha256 of every file above; written last
+A checkpoint is built in a hidden temporary folder, every file fsynced, then renamed into place, so
+a crash mid-save leaves the previous checkpoint as the latest good one. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from homestar.errors import CheckpointError
+
+FORMAT = 1
+_PREFIX = "step_"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{_PREFIX}{step:07d}"
+
+
+def save_checkpoint(run_dir: Path, step: int, engine_state: dict, trainer_state: dict, *, keep: int = 2) -> Path:
+    """Write checkpoint `step` atomically and prune all but the newest `keep`; returns its folder."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    optimizer = dict(engine_state["optimizer"])
+    moments = {f"exp_avg/{n}": t for n, t in optimizer.pop("exp_avg").items()}
+    moments.update({f"exp_avg_sq/{n}": t for n, t in optimizer.pop("exp_avg_sq").items()})
+    save_file(_contiguous(engine_state["weights"]), tmp / "model.safetensors")
+    save_file(_contiguous(moments), tmp / "optimizer.safetensors")
+    rng_tensors, rng_json = _rng_state()
+    save_file(rng_tensors, tmp / "rng.safetensors")
+    state = {"format": FORMAT, "step": step, "optimizer": optimizer, "rng": rng_json, **trainer_state}
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    files = ["model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"]
+    manifest = {"format": FORMAT, "step": step, "files": {f: _describe(tmp / f) for f in files}}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    for f in files + ["manifest.json"]:
+        _fsync(tmp / f)
+    if final.exists():  # re-saving the same step (e.g. save-now right after a periodic save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    _prune(root, keep)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Finished checkpoint folders, oldest first (temporary folders of interrupted saves excluded)."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
+
+
+def load_latest(run_dir: Path, *, warn=None) -> tuple[dict, dict]:
+    """(engine_state, trainer_state) of the newest valid checkpoint; falls back past damaged ones."""
+    candidates = list_checkpoints(run_dir)
+    if not candidates:
+        raise CheckpointError(f"{run_dir} has no checkpoint to resume from")
+    problems = []
+    for path in reversed(candidates):
+        try:
+            loaded = load_checkpoint(path)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            (warn or _warn)(f"warning: {exc}; trying an older checkpoint")
+            continue
+        return loaded
+    raise CheckpointError(f"no usable checkpoint in {run_dir}: {problems[0]}")
+
+
+def load_checkpoint(path: Path) -> tuple[dict, dict]:
+    """Validate a checkpoint folder against its manifest and load it (no pickle anywhere)."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+        files = manifest["files"]
+        for name, meta in files.items():
+            if _describe(path / name) != meta:
+                raise CheckpointError(f"checkpoint file {path / name} is damaged (size or hash mismatch)")
+        state = json.loads((path / "state.json").read_text())
+        weights = load_file(path / "model.safetensors")
+        moments = load_file(path / "optimizer.safetensors")
+        rng = load_file(path / "rng.safetensors")
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__})") from None
+    optimizer = dict(state.pop("optimizer"))
+    optimizer["exp_avg"] = {k.split("/", 1)[1]: v for k, v in moments.items() if k.startswith("exp_avg/")}
+    optimizer["exp_avg_sq"] = {k.split("/", 1)[1]: v for k, v in moments.items() if k.startswith("exp_avg_sq/")}
+    state["rng_tensors"] = rng
+    return {"weights": weights, "optimizer": optimizer}, state
+
+
+def restore_rng(trainer_state: dict) -> None:
+    """Put Python's and torch's generators back where the checkpoint left them."""
+    import random
+
+    version, internal, gauss = trainer_state["rng"]["python"]
+    random.setstate((version, tuple(internal), gauss))
+    tensors = trainer_state.get("rng_tensors", {})
+    if "torch_cpu" in tensors:
+        torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            if f"torch_cuda_{i}" in tensors:
+                torch.cuda.set_rng_state(tensors[f"torch_cuda_{i}"], i)
+
+
+def _rng_state() -> tuple[dict, dict]:
+    import random
+
+    version, internal, gauss = random.getstate()
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i in range(torch.cuda.device_count()):
+            tensors[f"torch_cuda_{i}"] = torch.cuda.get_rng_state(i)
+    return tensors, {"python": [version, list(internal), gauss]}
+
+
+def _contiguous(tensors: dict) -> dict:
+    return {k: v.detach().contiguous() for k, v in tensors.items()}
+
+
+def _describe(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 23):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _prune(root: Path, keep: int) -> None:
+    done = list_checkpoints(root.parent)
+    for old in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):
+        if not stale.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr)

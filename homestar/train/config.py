@@ -1,0 +1,120 @@
+"""The run configuration: everything needed to rebuild a run, stored as RUN_DIR/config.json.
+
+Built once from the command line and the preset when a run starts; read back unchanged on resume
+(only `steps` may grow). Validation raises ConfigError with a one-line message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from homestar.errors import ConfigError
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+RUNTIMES = ("chunked", "torch")
+DEVICES = ("auto", "cuda", "cpu")
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    name: str
+    preset: str
+    model: dict
+    """GPTConfig fields (vocab_size, seq_len, d_model, n_layer, n_head, tie_embeddings)."""
+    params: int
+    data: dict
+    """{"source": what the user gave, "kind", "description", "fingerprint"}."""
+    tokenizer_hash: str
+    steps: int
+    """Total optimizer steps this run trains to (resume --steps may raise it)."""
+    micro_batch: int
+    accum: int
+    seed: int
+    save_every: int
+    """Checkpoint every N steps (0: only when the run stops)."""
+    eval_every: int
+    eval_batches: int
+    sample_every: int
+    device: str
+    """Resolved compute device: "cuda" or "cpu"."""
+    precision: str
+    """Resolved precision: "bf16", "fp16" or "fp32"."""
+    runtime: str
+    gpu_mem_gib: float | None = None
+    cpu_mem_gib: float | None = None
+    chunk_elems: int | None = None
+    activation_checkpointing: bool = False
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    decay_steps: int
+    """The cosine horizon: a property of the run, independent of how far one invocation trains."""
+    weight_decay: float
+    grad_clip: float
+    beta1: float
+    beta2: float
+    keep_checkpoints: int = 2
+    created: float = field(default_factory=time.time)
+    format: int = 1
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "micro_batch", "accum", "eval_batches", "decay_steps", "keep_checkpoints")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be a positive whole number, got {getattr(self, name)!r}")
+        for name in ("save_every", "eval_every", "sample_every", "warmup_steps", "seed"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(f"{name.replace('_', '-')} must be zero or a positive whole number")
+        for name in ("gpu_mem_gib", "cpu_mem_gib"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive number of GiB, got {value}")
+        if self.precision not in PRECISIONS[1:]:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}")
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}")
+        if self.device not in DEVICES[1:]:
+            raise ConfigError(f"device must be one of {', '.join(DEVICES)}")
+        if self.device == "cpu" and self.precision == "fp16":
+            raise ConfigError("fp16 needs a GPU; use --precision fp32 or bf16 on the CPU")
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+            raise ConfigError("learning rates must satisfy 0 <= min_lr <= lr and lr > 0")
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.model["seq_len"])
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_batch * self.accum * self.seq_len
+
+    def save(self, run_dir: Path) -> None:
+        """Write config.json atomically."""
+        tmp = run_dir / "config.json.tmp"
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, run_dir / "config.json")
+
+    @classmethod
+    def load(cls, run_dir: Path) -> RunConfig:
+        path = run_dir / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"{run_dir} is not a homestar run (no config.json)")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(raw, dict):
+                raise ValueError("not an object")
+            known = {f.name for f in fields(cls)}
+            config = cls(**{k: v for k, v in raw.items() if k in known})
+        except ConfigError as exc:
+            raise ConfigError(f"{path} is invalid: {exc}") from None
+        except (OSError, ValueError, TypeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path} is damaged or not a homestar config ({type(exc).__name__})") from None
+        if not isinstance(config.model, dict) or not isinstance(config.data, dict):
+            raise ConfigError(f"{path} is damaged: model and data must be objects")
+        return config

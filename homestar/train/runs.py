@@ -1,0 +1,70 @@
+"""Saved runs as the `runs` table and the app's runs screen see them, read from their folders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from homestar.errors import HomestarError
+from homestar.train.checkpoint import list_checkpoints
+from homestar.train.config import RunConfig
+from homestar.train.events import read_events
+from homestar.train.lock import is_locked
+
+
+@dataclass(kw_only=True, slots=True)
+class RunInfo:
+    name: str
+    path: Path
+    preset: str
+    step: int
+    """Last step logged."""
+    saved_step: int | None
+    """Step of the newest checkpoint (None: nothing saved yet)."""
+    total_steps: int
+    loss: float | None
+    status: str
+    """"running", "finished", "stopped", "failed", "interrupted" (killed) or "broken" (unreadable)."""
+    resumable: bool
+    updated: float
+
+
+def read_run(path: Path) -> RunInfo:
+    """Summarise one run folder; a damaged folder comes back with status "broken", never raises."""
+    try:
+        config = RunConfig.load(path)
+    except HomestarError:
+        return RunInfo(name=path.name, path=path, preset="?", step=0, saved_step=None, total_steps=0, loss=None,
+                       status="broken", resumable=False, updated=_mtime(path))
+    events = read_events(path / "metrics.jsonl")
+    steps = [e for e in events if e["event"] == "step"]
+    last_end = next((e for e in reversed(events) if e["event"] in ("end", "start")), None)
+    if is_locked(path):
+        status = "running"
+    elif last_end is not None and last_end["event"] == "end":
+        status = str(last_end.get("status", "stopped"))
+    else:
+        status = "interrupted"
+    checkpoints = list_checkpoints(path)
+    saved = int(checkpoints[-1].name.split("_")[1]) if checkpoints else None
+    return RunInfo(
+        name=path.name, path=path, preset=config.preset,
+        step=int(steps[-1]["step"]) if steps else 0, saved_step=saved, total_steps=config.steps,
+        loss=float(steps[-1]["loss"]) if steps else None, status=status,
+        resumable=status != "running", updated=_mtime(path / "metrics.jsonl"),
+    )
+
+
+def list_runs(root: Path) -> list[RunInfo]:
+    """Every run folder under `root`, newest first."""
+    if not root.is_dir():
+        return []
+    runs = [read_run(p) for p in root.iterdir() if p.is_dir() and (p / "config.json").exists()]
+    return sorted(runs, key=lambda r: r.updated, reverse=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0

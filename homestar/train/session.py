@@ -1,0 +1,228 @@
+"""Starting and resuming runs: from user choices to a Trainer ready to run.
+
+Everything that can fail on bad input (preset, flags, data, checkpoint) is checked before the run
+folder is created or touched, so a refused command leaves the disk as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from homestar.errors import CheckpointError, ConfigError
+from homestar.train import events as ev
+from homestar.train.build import build_engine, build_model, load_run_data, RunData, resolve_device, resolve_precision
+from homestar.train.checkpoint import load_latest, restore_rng
+from homestar.train.config import RunConfig
+from homestar.train.lock import RunLock
+from homestar.train.trainer import Progress, Trainer
+
+DEFAULT_DECAY_STEPS = 5000
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainRequest:
+    """What the user asked `homestar train` for; None means "the preset's or the plan's default"."""
+
+    preset: str = "auto"
+    data: str | None = None
+    tokenizer: str | None = None
+    steps: int = 1000
+    run_dir: str | None = None
+    device: str = "auto"
+    gpu_mem_gib: float | None = None
+    cpu_mem_gib: float | None = None
+    micro_batch: int | None = None
+    accum: int | None = None
+    seq_len: int | None = None
+    save_every: int = 100
+    eval_every: int = 50
+    eval_batches: int = 4
+    sample_every: int = 100
+    seed: int = 1337
+    precision: str = "auto"
+    runtime: str = "chunked"
+    lr: float | None = None
+    decay_steps: int | None = None
+    chunk_elems: int | None = None
+    activation_checkpointing: bool | None = None
+
+
+def _pick_preset(request: TrainRequest, device: str):
+    """The preset asked for; for "auto", the plan's recommendation with the plan's settings
+    filled into the request wherever the user left them open."""
+    from homestar.model import load_preset
+
+    if request.preset != "auto":
+        return load_preset(request.preset)
+    from homestar.errors import BudgetError
+    from homestar.paths import runs_dir
+    from homestar.planner import make_plan, probe
+
+    plans = make_plan(probe(runs_dir()), gpu_mem_gib=request.gpu_mem_gib, cpu_mem_gib=request.cpu_mem_gib,
+                      device=device)
+    best = next(p for p in plans if p.recommended)
+    if best.fits == "no":
+        raise BudgetError(f"no preset fits this machine ({best.preset}: {best.reason})")
+    for name in ("micro_batch", "accum", "chunk_elems", "cpu_mem_gib"):
+        if getattr(request, name) is None:
+            setattr(request, name, getattr(best, name))
+    return load_preset(best.preset)
+
+
+def make_config(request: TrainRequest, name: str) -> RunConfig:
+    """The run's configuration before data is known (data fields are filled in by start_run)."""
+    device = resolve_device(request.device)
+    preset = _pick_preset(request, device)
+    shape = dataclasses.asdict(preset.model)
+    if request.seq_len is not None:
+        if request.seq_len < 1:
+            raise ConfigError(f"--seq-len must be a positive whole number, got {request.seq_len}")
+        shape["seq_len"] = request.seq_len
+    from homestar.model import GPTConfig
+
+    model_config = GPTConfig(**shape)
+    t = preset.train
+    lr = request.lr if request.lr is not None else t.lr
+    return RunConfig(
+        name=name, preset=preset.name, model=shape, params=model_config.num_params(),
+        data={}, tokenizer_hash="", steps=request.steps,
+        micro_batch=request.micro_batch if request.micro_batch is not None else t.micro_batch,
+        accum=request.accum if request.accum is not None else t.accum,
+        seed=request.seed, save_every=request.save_every, eval_every=request.eval_every,
+        eval_batches=request.eval_batches, sample_every=request.sample_every, device=device,
+        precision=resolve_precision(request.precision, device), runtime=request.runtime,
+        gpu_mem_gib=request.gpu_mem_gib, cpu_mem_gib=request.cpu_mem_gib, chunk_elems=request.chunk_elems,
+        activation_checkpointing=(device == "cuda") if request.activation_checkpointing is None
+        else request.activation_checkpointing,
+        lr=lr, min_lr=min(t.min_lr, lr), warmup_steps=t.warmup_steps,
+        decay_steps=request.decay_steps if request.decay_steps is not None else max(DEFAULT_DECAY_STEPS, request.steps),
+        weight_decay=t.weight_decay, grad_clip=t.grad_clip, beta1=t.beta1, beta2=t.beta2,
+    )
+
+
+def _new_run_dir(request: TrainRequest, preset: str) -> Path:
+    from homestar.paths import runs_dir
+
+    if request.run_dir:
+        path = Path(request.run_dir).expanduser()
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise ConfigError(f"{path} already exists and is not empty; use `homestar resume {path}` to continue it")
+        return path
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = runs_dir() / f"{preset}-{stamp}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = runs_dir() / f"{preset}-{stamp}-{n}"
+    return path
+
+
+@dataclass(kw_only=True, slots=True)
+class Session:
+    """A trainer with its run folder locked; `run()` trains and releases everything."""
+
+    trainer: Trainer
+    lock: RunLock
+    sinks_to_close: list
+    resumed: bool
+
+    def run(self) -> str:
+        try:
+            return self.trainer.run(resumed=self.resumed)
+        except BaseException as exc:
+            if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                self.trainer.emit(ev.Error(time=time.time(), step=self.trainer.progress.step,
+                                           message=f"{type(exc).__name__}: {exc}"))
+                self.trainer.emit(ev.End(time=time.time(), step=self.trainer.progress.step, status="failed"))
+            raise
+        finally:
+            self.trainer.engine.close()
+            for sink in self.sinks_to_close:
+                sink.close()
+            self.lock.release()
+
+
+def start_run(request: TrainRequest, sinks: list) -> Session:
+    from homestar.data import load_tokenizer, load_tokens, resolve_source, tokenizer_hash
+    from homestar.paths import cache_dir
+
+    config = make_config(request, name="")
+    run_dir = _new_run_dir(request, config.preset)
+    source = resolve_source(request.data)
+    tokenizer_path = Path(request.tokenizer).expanduser() if request.tokenizer else None
+    tokenizer = load_tokenizer(source, config.model["vocab_size"], cache_dir=cache_dir(), tokenizer_path=tokenizer_path)
+    tokens = load_tokens(source, tokenizer, cache_dir=cache_dir())
+    _check_enough_tokens(tokens.train, tokens.val, config)
+    config.name = run_dir.name
+    config.data = {"source": source.spec, "kind": source.kind, "description": source.description,
+                   "fingerprint": source.fingerprint}
+    config.tokenizer_hash = tokenizer_hash(tokenizer)
+    model = build_model(config)
+    engine = build_engine(config, model)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir).acquire()
+    config.save(run_dir)
+    tokenizer.save(str(run_dir / "tokenizer.json"))
+    data = RunData(tokenizer=tokenizer, train=tokens.train, val=tokens.val)
+    return _session(config, run_dir, engine, model, data, sinks, lock, Progress(), resumed=False)
+
+
+def resume_run(run_dir: Path, sinks: list, *, steps: int | None = None) -> Session:
+    run_dir = Path(run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is not a folder")
+    config = RunConfig.load(run_dir)
+    lock = RunLock(run_dir).acquire()
+    try:
+        from homestar.train.checkpoint import list_checkpoints
+
+        loaded = load_latest(run_dir) if list_checkpoints(run_dir) else None
+        progress = Progress()
+        if loaded is not None:
+            trainer_state = loaded[1]
+            progress = Progress(step=int(trainer_state["step"]), tokens=int(trainer_state.get("tokens", 0)),
+                                data=dict(trainer_state.get("data", {})))
+        target = config.steps if steps is None else steps
+        if target < 1:
+            raise ConfigError(f"--steps must be a positive whole number, got {target}")
+        if target <= progress.step:
+            raise ConfigError(f"{run_dir.name} is already at step {progress.step}; pass --steps N with N above it")
+        data = load_run_data(config, run_dir)
+        model = build_model(config)
+        engine = build_engine(config, model)
+        if loaded is not None:
+            try:
+                engine.load_state_dict(loaded[0])
+            except (KeyError, RuntimeError, ValueError) as exc:
+                raise CheckpointError(f"the checkpoint in {run_dir} does not fit this run's model ({exc})") from None
+            restore_rng(loaded[1])
+        config.steps = target
+        config.save(run_dir)
+        ev.truncate_events(run_dir / "metrics.jsonl", progress.step)
+    except BaseException:
+        lock.release()
+        raise
+    return _session(config, run_dir, engine, model, data, sinks, lock, progress, resumed=True)
+
+
+def _session(config, run_dir, engine, model, data, sinks, lock, progress, *, resumed) -> Session:
+    jsonl = ev.JsonlSink(run_dir / "metrics.jsonl")
+    from homestar.model import GPTConfig
+
+    trainer = Trainer(config=config, run_dir=run_dir, engine=engine, model=model, data=data,
+                      sinks=[jsonl, *sinks], progress=progress,
+                      flops_per_token=GPTConfig(**config.model).flops_per_token())
+    return Session(trainer=trainer, lock=lock, sinks_to_close=[jsonl], resumed=resumed)
+
+
+def _check_enough_tokens(train, val, config: RunConfig) -> None:
+    from homestar.errors import DataError
+
+    need = config.seq_len + 1
+    if len(train) < need or len(val) < need:
+        raise DataError(f"the data is too small: {len(train):,} training and {len(val):,} validation tokens, "
+                        f"but one sequence needs {need:,}; give more text or a smaller --seq-len")
+

@@ -1,0 +1,1 @@
+"""The app's screens: home, training, runs, and the small modal dialogs."""

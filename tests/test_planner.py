@@ -1,0 +1,410 @@
+"""The planner against fake machines: memory model, verdicts, recommendation, budgets, output.
+
+No GPU needed: machines are `MachineInfo` values; the presets are a GPT-2/GPT-3-shaped family
+from ~1M to 13B parameters built here, so the expectations do not move with the shipped files.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+import warnings
+
+import pytest
+import torch
+
+from homestar.errors import BudgetError, ConfigError
+from homestar.model import GPT, GPTConfig, Preset, TrainDefaults
+from homestar.planner import (
+    GPUInfo, MachineInfo, PlanWarning, estimate, fit, format_table, make_plan, named_sizes, plans_json, probe,
+    recommend,
+)
+from homestar.planner import plan as plan_module
+from homestar.planner.memory import _count_chunks, activation_memory, choose_chunk, layout_of
+from homestar.planner.speed import GPU_CLASSES, tokens_per_second
+from homestar.planner.probe import cgroup_cpu_quota, cgroup_memory, cpu_cores, disk_free, host_memory
+from homestar.runtime import choose_chunk_elems, plan_layout
+
+GIB = 2**30
+SPEC_KEYS = {"preset", "params", "fits", "recommended", "gpu_peak_gib", "cpu_peak_gib", "chunk_elems", "micro_batch",
+             "accum"}
+# name: vocab, seq_len, d_model, n_layer, n_head, micro_batch, accum
+SHAPES = {
+    "debug": (4096, 128, 128, 2, 4, 8, 1),
+    "125m": (50304, 1024, 768, 12, 12, 8, 64),
+    "350m": (50304, 1024, 1024, 24, 16, 8, 64),
+    "760m": (50304, 1024, 1536, 24, 16, 8, 64),
+    "1.3b": (50304, 1024, 2048, 24, 32, 8, 64),
+    "2.7b": (50304, 1024, 2560, 32, 32, 8, 64),
+    "6.7b": (50304, 1024, 4096, 32, 32, 8, 64),
+    "13b": (50304, 1024, 5120, 40, 40, 8, 64),
+}
+
+
+def _preset(name: str) -> Preset:
+    vocab, seq, d, layers, heads, micro, accum = SHAPES[name]
+    return Preset(name=name, description="", model=GPTConfig(vocab_size=vocab, seq_len=seq, d_model=d, n_layer=layers,
+                                                             n_head=heads),
+                  train=TrainDefaults(lr=3e-4, min_lr=3e-5, warmup_steps=10, micro_batch=micro, accum=accum,
+                                      weight_decay=0.1, grad_clip=1.0, beta1=0.9, beta2=0.95))
+
+
+FAMILY = [_preset(name) for name in SHAPES]
+
+
+def _gpu(total_gib: float, capability=(8, 6), name="NVIDIA GeForce RTX 3070") -> GPUInfo:
+    return GPUInfo(index=0, name=name, total_bytes=int(total_gib * GIB), free_bytes=int((total_gib - 0.5) * GIB),
+                   capability=capability, bf16=capability >= (8, 0))
+
+
+def _machine(gpu: GPUInfo | None, ram_gib: float, cores: int = 8) -> MachineInfo:
+    return MachineInfo(gpus=(gpu,) if gpu else (), ram_total=int(ram_gib * GIB), ram_available=int(ram_gib * 0.85 * GIB),
+                       cpu_cores=cores, disk_free=200 * GIB)
+
+
+PROFILES = {
+    "cpu laptop 16 GB": _machine(None, 16),
+    "8 GB + 32 GB": _machine(_gpu(8), 32),
+    "12 GB + 64 GB": _machine(_gpu(12, name="NVIDIA GeForce RTX 3060"), 64),
+    "24 GB + 64 GB": _machine(_gpu(24, (8, 9), "NVIDIA GeForce RTX 4090"), 64, cores=16),
+    "8 GB + 128 GB": _machine(_gpu(8), 128),
+}
+
+
+def _recommended(plans):
+    picked = [p for p in plans if p.recommended]
+    assert len(picked) == 1
+    return picked[0]
+
+
+# ---------------------------------------------------------------- memory model
+
+
+def test_named_sizes_match_the_model_and_its_parameter_count():
+    for tied in (True, False):
+        config = GPTConfig(vocab_size=97, seq_len=16, d_model=32, n_layer=3, n_head=4, tie_embeddings=tied)
+        model = GPT(config)  # tiny: a few kB
+        assert named_sizes(config) == [(n, p.numel()) for n, p in model.named_parameters()]
+        assert sum(n for _, n in named_sizes(config)) == config.num_params()
+
+
+def test_layout_is_the_runtimes_and_the_fast_chunk_count_agrees():
+    config = FAMILY[2].model
+    sizes = named_sizes(config)
+    assert layout_of(config).chunk_elems == choose_chunk_elems(sizes)
+    largest = max(n for _, n in sizes)
+    for chunk in (largest, largest + 64 * 1000, int(largest * 1.37), 2 * largest):
+        assert _count_chunks([n for _, n in sizes], chunk) == plan_layout(sizes, chunk).n_chunks
+
+
+def test_chunk_choice_holds_the_largest_parameter_and_uses_the_machine():
+    config = FAMILY[4].model
+    largest = max(n for _, n in named_sizes(config))
+    small_room = choose_chunk(config, precision="bf16", gpu_room_bytes=1 * GIB)
+    assert largest <= small_room <= 2 * largest
+    assert choose_chunk(config, precision="bf16", gpu_room_bytes=None) == choose_chunk_elems(named_sizes(config))
+    # With room for every param chunk, only padding counts: the runtime's least-waste choice.
+    big_room = choose_chunk(config, precision="bf16", gpu_room_bytes=1000 * GIB)
+    assert plan_layout(named_sizes(config), big_room).waste_elems == layout_of(config).waste_elems
+
+
+def test_model_data_bytes_per_element():
+    config = FAMILY[1].model
+    assert estimate(config, precision="bf16", micro_batch=1).data.bytes_per_elem == 18  # 2 + 4 + 4 + 4 + 4
+    assert estimate(config, precision="fp32", micro_batch=1, device="cpu").data.bytes_per_elem == 16
+
+
+def test_memory_grows_with_preset_size_and_micro_batch():
+    roomy = dict(gpu_budget=1 << 50, host_budget=1 << 50)
+    needs = [fit(estimate(p.model, precision="bf16", micro_batch=1), **roomy) for p in FAMILY]
+    host = [n.host_peak for n in needs]
+    gpu = [n.gpu_min for n in needs]
+    assert host == sorted(host) and len(set(host)) == len(host)
+    assert gpu == sorted(gpu)
+    config = FAMILY[1].model
+    peaks = [activation_memory(config, micro_batch=b, seq_len=1024, act_bytes=2, checkpointing=True).peak
+             for b in (1, 2, 4, 8)]
+    assert peaks == sorted(peaks) and len(set(peaks)) == 4
+    kept = activation_memory(config, micro_batch=8, seq_len=1024, act_bytes=2, checkpointing=False)
+    assert kept.peak > peaks[-1]  # checkpointing saves memory
+
+
+def test_logits_dominate_a_small_model_with_a_large_vocabulary():
+    act = activation_memory(FAMILY[1].model, micro_batch=8, seq_len=1024, act_bytes=2, checkpointing=True)
+    assert act.head_phase > act.block_phase
+    assert act.head_phase >= 2 * 8 * 1024 * 50304 * 2  # the logits and their grad
+
+
+def test_a_short_host_budget_homes_groups_on_the_gpu():
+    est = estimate(FAMILY[4].model, precision="bf16", micro_batch=4)
+    everything = fit(est, gpu_budget=60 * GIB, host_budget=200 * GIB)
+    squeezed = fit(est, gpu_budget=60 * GIB, host_budget=15 * GIB)
+    assert everything.device_groups == 0 and squeezed.device_groups > 0
+    assert squeezed.host_peak <= 15 * GIB < everything.host_peak
+    assert squeezed.gpu_min > everything.gpu_min
+    assert fit(est, gpu_budget=8 * GIB, host_budget=10 * GIB) is None
+    spilled = [p for p in make_plan(PROFILES["24 GB + 64 GB"], presets=FAMILY) if p.cpu_mem_gib is not None]
+    assert spilled and all(p.fits != "no" and p.cpu_mem_gib < 64 for p in spilled)
+
+
+def test_pinned_host_buffers_cost_their_power_of_two():
+    config = FAMILY[3].model
+    est = estimate(config, precision="bf16", micro_batch=1, chunk_elems=130_387_968)
+    assert est.host_group == (256 + 4 * 512) * 2**20  # bf16 param 249 MiB, four fp32 kinds 497 MiB each
+    assert estimate(config, precision="bf16", micro_batch=1, chunk_elems=130_387_968, device="cpu").host_group == \
+        est.data.group.total  # pageable on the CPU: no rounding
+    roomy = fit(est, gpu_budget=1 << 50, host_budget=1 << 50)
+    assert roomy.host_peak == est.host_base + 4 * config.num_params() + est.data.n_chunks * est.host_group
+
+
+def test_chunk_choice_avoids_pinned_rounding_waste():
+    config = FAMILY[4].model
+    sizes = named_sizes(config)
+    chosen = choose_chunk(config, precision="bf16", gpu_room_bytes=6 * GIB, pinned_pow2=True)
+    default = choose_chunk_elems(sizes)
+
+    def pinned(chunk):
+        est = estimate(config, precision="bf16", micro_batch=1, chunk_elems=chunk)
+        return est.data.n_chunks * est.host_group
+
+    assert pinned(chosen) < pinned(default)
+
+
+def test_speed_matches_the_runtime_measured_on_the_reference_gpu():
+    # 1.3B, micro-batch 8 x 1024, 2 micro-batches, every group resident: 23.5k tokens/s measured.
+    config = GPTConfig(vocab_size=50304, seq_len=1024, d_model=2048, n_layer=24, n_head=32)
+    est = estimate(config, precision="bf16", micro_batch=8)
+    placed = fit(est, gpu_budget=int(60.75 * GIB), host_budget=1 << 40)
+    assert placed.steady_groups == est.data.n_chunks
+    h200 = GPU_CLASSES[(9, 0)]
+    assert 0.85 * 23_500 < tokens_per_second(placed, config, accum=2, gpu=h200, cores=16) < 1.15 * 23_500
+    # On a consumer card compute bounds it, far below.
+    consumer = tokens_per_second(placed, config, accum=2, gpu=GPU_CLASSES[(8, 6)], cores=8)
+    assert consumer < 0.1 * 23_500
+
+
+# ---------------------------------------------------------------- plans for fake machines
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_profile_gets_one_sensible_plan_within_its_budgets(profile):
+    machine = PROFILES[profile]
+    plans = make_plan(machine, presets=FAMILY)
+    assert [p.preset for p in plans] == list(SHAPES)
+    best = _recommended(plans)
+    assert best.fits == "yes" and best.est_tok_s and best.est_tok_s > 0
+    gpu_budget = machine.gpus[0].free_bytes / GIB if machine.gpus else 0.0
+    for plan in plans:
+        assert plan.micro_batch * plan.accum == SHAPES[plan.preset][5] * SHAPES[plan.preset][6]
+        assert plan.chunk_elems >= max(n for _, n in named_sizes(_preset(plan.preset).model))
+        if plan.fits == "no":
+            assert plan.est_tok_s is None
+            continue
+        assert plan.cpu_peak_gib <= machine.ram_available / GIB + 0.01
+        assert plan.gpu_peak_gib <= gpu_budget + 0.01
+        if plan.fits == "yes":
+            assert plan.cpu_peak_gib <= 0.85 * machine.ram_available / GIB + 0.01
+        assert (plan.cpu_mem_gib is not None) == ("--cpu-mem-gib" in plan.reason)
+    if machine.gpus:
+        assert best.device == "cuda" and best.precision == "bf16"
+        assert best.params >= 0.7e9  # the promise: about 0.7B or more on a gaming PC
+        assert plans[-1].fits == "no"  # 13B needs more than these machines have
+    else:
+        assert best.preset in ("debug", "125m") and best.device == "cpu" and best.precision == "fp32"
+        assert sum(p.fits == "no" for p in plans) >= len(plans) // 2
+        assert all(p.gpu_peak_gib == 0 for p in plans)
+
+
+def test_more_memory_never_recommends_less():
+    small = _recommended(make_plan(PROFILES["8 GB + 32 GB"], presets=FAMILY))
+    more_ram = _recommended(make_plan(PROFILES["8 GB + 128 GB"], presets=FAMILY))
+    more_vram = _recommended(make_plan(PROFILES["24 GB + 64 GB"], presets=FAMILY))
+    assert small.params <= more_ram.params and small.params <= more_vram.params
+
+
+def test_budgets_override_the_machine():
+    machine = PROFILES["24 GB + 64 GB"]
+    free = make_plan(machine, presets=FAMILY)
+    capped = make_plan(machine, presets=FAMILY, gpu_mem_gib=6, cpu_mem_gib=12)
+    for plan in capped:
+        if plan.fits != "no":
+            assert plan.gpu_peak_gib <= 6.01 and plan.cpu_peak_gib <= 12.01
+    assert _recommended(capped).params < _recommended(free).params
+    assert sum(p.fits != "no" for p in capped) < sum(p.fits != "no" for p in free)
+
+
+def test_an_old_card_trains_in_fp16():
+    turing = _machine(_gpu(8, (7, 5), "NVIDIA GeForce RTX 2070"), 32)
+    assert {p.precision for p in make_plan(turing, presets=FAMILY)} == {"fp16"}
+
+
+def test_plan_for_a_gpu_this_machine_lacks():
+    with pytest.warns(PlanWarning, match="hypothetical"):
+        plans = make_plan(PROFILES["cpu laptop 16 GB"], presets=FAMILY, device="cuda", gpu_mem_gib=8)
+    assert {p.device for p in plans} == {"cuda"}
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        make_plan(PROFILES["cpu laptop 16 GB"], presets=FAMILY, device="cuda")
+
+
+def test_cpu_plan_on_a_gpu_machine_and_a_simulated_device_budget():
+    plans = make_plan(PROFILES["8 GB + 32 GB"], presets=FAMILY[:3], device="cpu", gpu_mem_gib=0.25)
+    assert {p.device for p in plans} == {"cpu"}
+    assert _recommended(plans).preset == "debug"
+    # the 125m working set (chunks of ~63M fp32 elements) cannot live in 0.25 GiB of simulated device
+    assert plans[1].fits == "no"
+
+
+@pytest.mark.parametrize("bad", [0, -1, -0.5, float("nan"), float("inf"), True])
+def test_nonsense_budgets_are_config_errors(bad):
+    with pytest.raises(ConfigError, match="gpu-mem-gib must be a positive number"):
+        make_plan(PROFILES["8 GB + 32 GB"], presets=FAMILY, gpu_mem_gib=bad)
+    with pytest.raises(ConfigError, match="cpu-mem-gib must be a positive number"):
+        make_plan(PROFILES["8 GB + 32 GB"], presets=FAMILY, cpu_mem_gib=bad)
+
+
+def test_budgets_larger_than_the_machine_warn():
+    machine = PROFILES["8 GB + 32 GB"]
+    with pytest.warns(PlanWarning, match="more than GPU 0 has"):
+        make_plan(machine, presets=FAMILY, gpu_mem_gib=80)
+    with pytest.warns(PlanWarning, match="more than this machine's memory"):
+        make_plan(machine, presets=FAMILY, cpu_mem_gib=500)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_plan(machine, presets=FAMILY, gpu_mem_gib=6, cpu_mem_gib=20)  # sane budgets: silent
+
+
+def test_unknown_device_is_a_config_error():
+    with pytest.raises(ConfigError, match="device must be"):
+        make_plan(PROFILES["8 GB + 32 GB"], presets=FAMILY, device="tpu")
+
+
+def test_nothing_fits_marks_the_smallest_and_recommend_refuses(monkeypatch):
+    plans = make_plan(PROFILES["8 GB + 32 GB"], presets=FAMILY, cpu_mem_gib=0.5)
+    assert {p.fits for p in plans} == {"no"}
+    assert _recommended(plans).preset == "debug"
+    monkeypatch.setattr(plan_module, "probe_machine", lambda: PROFILES["8 GB + 32 GB"])
+    monkeypatch.setattr(plan_module, "list_presets", lambda: list(FAMILY))
+    with pytest.raises(BudgetError, match="no preset fits"):
+        recommend(cpu_mem_gib=0.5)
+
+
+def test_recommend_probes_and_names_a_preset(monkeypatch):
+    monkeypatch.setattr(plan_module, "probe_machine", lambda: PROFILES["12 GB + 64 GB"])
+    monkeypatch.setattr(plan_module, "list_presets", lambda: list(reversed(FAMILY)))
+    name = recommend()
+    assert name == _recommended(make_plan(PROFILES["12 GB + 64 GB"], presets=FAMILY)).preset
+    assert recommend(device="cpu") in ("debug", "125m")
+
+
+# ---------------------------------------------------------------- output
+
+
+def test_plans_json_has_the_spec_keys_and_one_recommendation():
+    rows = plans_json(make_plan(PROFILES["8 GB + 32 GB"], presets=FAMILY))
+    decoded = json.loads(json.dumps(rows))
+    assert len(decoded) == len(FAMILY)
+    for row in decoded:
+        assert SPEC_KEYS <= row.keys()
+        assert row["fits"] in ("yes", "tight", "no")
+        assert isinstance(row["params"], int) and isinstance(row["chunk_elems"], int)
+    assert sum(row["recommended"] is True for row in decoded) == 1
+
+
+def test_format_table_shows_the_machine_and_every_preset():
+    machine = PROFILES["8 GB + 32 GB"]
+    plans = make_plan(machine, presets=FAMILY)
+    text = format_table(plans, machine)
+    assert "NVIDIA GeForce RTX 3070" in text and "32.0 GiB total" in text and "8 cores" in text
+    best = _recommended(plans)
+    assert f"recommended: {best.preset}" in text
+    rows = [line for line in text.splitlines() if line.lstrip("* ").split("  ")[0] in SHAPES]
+    assert len(rows) == len(SHAPES)
+    assert sum(line.startswith("*") for line in rows) == 1
+    assert "GPU: none" in format_table(make_plan(PROFILES["cpu laptop 16 GB"], presets=FAMILY),
+                                       PROFILES["cpu laptop 16 GB"])
+
+
+# ---------------------------------------------------------------- probe
+
+
+def _cgroup_v2(root, limit: str, parent_limit: str = "max", cpu: str = "max 100000"):
+    (root / "cgroup.controllers").write_text("cpu memory\n")
+    group = root / "user.slice" / "job"
+    group.mkdir(parents=True)
+    (root / "user.slice" / "memory.max").write_text(parent_limit + "\n")
+    (group / "memory.max").write_text(limit + "\n")
+    (group / "memory.current").write_text(str(3 * GIB))
+    (group / "memory.stat").write_text(f"anon 100\ninactive_file {1 * GIB}\n")
+    (group / "cpu.max").write_text(cpu + "\n")
+    proc = root / "self_cgroup"
+    proc.write_text("0::/user.slice/job\n")
+    return proc
+
+
+def test_cgroup_v2_limits(tmp_path):
+    proc = _cgroup_v2(tmp_path, str(8 * GIB), parent_limit=str(6 * GIB), cpu="250000 100000")
+    assert cgroup_memory(tmp_path, proc) == (6 * GIB, 2 * GIB)  # the parent binds; cache is reclaimable
+    assert cgroup_cpu_quota(tmp_path, proc) == 2.5
+    total, available = host_memory(tmp_path, proc)
+    assert total <= 6 * GIB and available <= 4 * GIB
+    assert cpu_cores(tmp_path, proc) <= 3
+
+
+def test_cgroup_v2_without_limits(tmp_path):
+    proc = _cgroup_v2(tmp_path, "max")
+    assert cgroup_memory(tmp_path, proc) == (None, None)
+    assert cgroup_cpu_quota(tmp_path, proc) is None
+
+
+def test_cgroup_v1_limits(tmp_path):
+    memory = tmp_path / "memory" / "docker" / "abc"
+    memory.mkdir(parents=True)
+    (memory / "memory.limit_in_bytes").write_text(str(4 * GIB))
+    (memory / "memory.usage_in_bytes").write_text(str(1 * GIB))
+    (memory / "memory.stat").write_text("total_inactive_file 0\n")
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712")  # no limit
+    cpu = tmp_path / "cpu,cpuacct" / "docker" / "abc"
+    cpu.mkdir(parents=True)
+    (cpu / "cpu.cfs_quota_us").write_text("-1")
+    (cpu / "cpu.cfs_period_us").write_text("100000")
+    proc = tmp_path / "self_cgroup"
+    proc.write_text("5:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n")
+    assert cgroup_memory(tmp_path, proc) == (4 * GIB, 1 * GIB)
+    assert cgroup_cpu_quota(tmp_path, proc) is None
+    (cpu / "cpu.cfs_quota_us").write_text("150000")
+    assert cgroup_cpu_quota(tmp_path, proc) == 1.5
+
+
+def test_no_cgroup_files_mean_no_limits(tmp_path):
+    assert cgroup_memory(tmp_path, tmp_path / "missing") == (None, None)
+    assert cgroup_cpu_quota(tmp_path, tmp_path / "missing") is None
+
+
+def test_probe_this_machine(tmp_path):
+    machine = probe(tmp_path / "not" / "yet" / "created")
+    assert machine.ram_total > 0 and 0 <= machine.ram_available <= machine.ram_total
+    assert machine.cpu_cores >= 1 and machine.disk_free is not None and machine.disk_free > 0
+    assert len(machine.gpus) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    for gpu in machine.gpus:
+        assert 0 < gpu.free_bytes <= gpu.total_bytes and gpu.bf16 == (gpu.capability >= (8, 0))
+    assert disk_free(tmp_path) == disk_free(tmp_path / "a" / "b")
+
+
+def test_the_planner_imports_no_ui_data_or_trainer_code():
+    """Every import statement in the planner (function-level ones included) stays inside what
+    the GPU machine has: no textual, datasets, trainer or app."""
+    allowed_homestar = ("homestar.errors", "homestar.model", "homestar.paths", "homestar.planner", "homestar.runtime")
+    folder = Path(plan_module.__file__).parent
+    for source in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] not in ("textual", "datasets"), f"{source.name} imports {name}"
+                if name.startswith("homestar"):
+                    assert name.startswith(allowed_homestar), f"{source.name} imports {name}"

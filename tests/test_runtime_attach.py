@@ -1,0 +1,70 @@
+"""attach(): models built on the meta device, chunk-size choice, bad configurations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from homestar.errors import ConfigError
+from homestar.model import GPT, GPTConfig
+from homestar.optim import OptimConfig
+from homestar.runtime import RuntimeConfig, attach
+from runtime_helpers import VOCAB, SEQ, batches, one_thread  # noqa: F401
+
+CFG = GPTConfig(vocab_size=VOCAB, seq_len=SEQ, d_model=64, n_layer=2, n_head=4)
+
+
+def init_param(name: str, tensor: torch.Tensor) -> None:
+    """A per-parameter GPT-2-like init, enough to check the meta path."""
+    if name.endswith("bias"):
+        tensor.zero_()
+    elif tensor.ndim == 1:
+        tensor.fill_(1.0)
+    else:
+        tensor.normal_(0.0, 0.02)
+
+
+def test_meta_model_is_initialised_one_parameter_at_a_time():
+    with torch.device("meta"):
+        meta_model = GPT(CFG)
+    torch.manual_seed(5)
+    engine = attach(meta_model, RuntimeConfig(chunk_elems=20_000, gpu_budget_bytes=400_000), OptimConfig(), init_fn=init_param)
+
+    cpu_model = GPT(CFG)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, param in cpu_model.named_parameters():
+            init_param(name, param)
+    weights = engine.state_dict()["weights"]
+    for name, param in cpu_model.named_parameters():
+        assert torch.equal(weights[name], param.detach()), name
+
+    assert meta_model.lm_head.weight is meta_model.wte.weight  # the tie survived
+    assert not any(p.is_meta for p in meta_model.parameters())
+    (idx, targets), = batches(1, 1)[0]
+    assert torch.isfinite(engine.forward_backward(idx, targets, 1.0))
+    assert not engine.step(1e-3).skipped
+
+
+def test_meta_model_without_init_fn_is_a_config_error():
+    with torch.device("meta"):
+        model = GPT(CFG)
+    with pytest.raises(ConfigError, match="init_fn"):
+        attach(model, RuntimeConfig(), OptimConfig())
+
+
+def test_default_chunk_size_fits_the_largest_parameter():
+    engine = attach(GPT(CFG), RuntimeConfig(), OptimConfig())
+    assert engine.groups[0].param.numel >= VOCAB * 64
+    (idx, targets), = batches(1, 1)[0]
+    engine.forward_backward(idx, targets, 1.0)
+    engine.step(1e-3)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"device": "tpu"}, {"precision": "fp8"}, {"gpu_budget_bytes": 0}, {"optimizer_placement": "gpu"}, {"prefetch_depth": -1}],
+)
+def test_bad_runtime_config_is_a_config_error(bad):
+    with pytest.raises(ConfigError):
+        RuntimeConfig(**bad)

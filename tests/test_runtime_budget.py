@@ -1,0 +1,108 @@
+"""Budgets: never exceeded over a whole run, BudgetError when the model cannot fit, homes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from homestar.errors import BudgetError
+from homestar.runtime.homes import GroupBytes, plan_homes
+from homestar.runtime.memory import SimulatedDevice
+from runtime_helpers import (
+    FP32_CHUNK_BYTES,
+    SEQ,
+    Setup,
+    assert_weights_close,
+    attach_copy,
+    batches,
+    make_model,
+    one_thread,  # noqa: F401
+    optim_config,
+    train_engine,
+    train_reference,
+)
+
+
+def test_device_budget_holds_over_train_eval_and_a_new_shape(monkeypatch):
+    seen = []
+    original = SimulatedDevice.alloc
+
+    def watched(self, numel, dtype, *, zero=False):
+        out = original(self, numel, dtype, zero=zero)
+        seen.append(self.used)
+        return out
+
+    monkeypatch.setattr(SimulatedDevice, "alloc", watched)
+    setup = Setup(accum=2)
+    engine = attach_copy(make_model(setup), setup, budget_chunks=4)
+    budget = 4 * FP32_CHUNK_BYTES
+    train_engine(engine, batches(6, 2))
+    idx, targets = batches(1, 1)[0][0]
+    engine.eval_loss(idx, targets)
+    engine.forward_backward(idx[:, : SEQ // 2], targets[:, : SEQ // 2], 1.0)  # another micro-batch shape
+    engine.step(1e-3)
+
+    stats = engine.stats()
+    assert max(seen) <= budget and stats["peak_device_bytes"] <= budget
+    assert max(seen) > budget - FP32_CHUNK_BYTES  # the budget was really used, not dodged
+    assert stats["evictions"] > 0 and stats["prefetches"] > 0
+    assert engine.memory()["gpu_mem"] <= budget
+
+
+def test_device_budget_below_the_working_set_is_a_budget_error():
+    setup = Setup()
+    with pytest.raises(BudgetError, match="device budget"):
+        attach_copy(make_model(setup), setup, budget_chunks=2)
+
+
+def test_model_larger_than_both_budgets_is_a_budget_error():
+    setup = Setup()
+    with pytest.raises(BudgetError, match="need") as caught:
+        attach_copy(make_model(setup), setup, budget_chunks=6, cpu_budget_bytes=4 * FP32_CHUNK_BYTES)
+    assert "MiB" in str(caught.value)
+
+
+def test_small_host_budget_moves_groups_to_the_device_and_still_matches_torch():
+    setup = Setup()
+    host_budget = 14 * FP32_CHUNK_BYTES  # the whole model needs 28 fp32 chunks
+    engine = attach_copy(make_model(setup), setup, budget_chunks=20, cpu_budget_bytes=host_budget, optimizer_placement="host")
+    assert 0 < len(engine.stats()["device_groups"]) < len(engine.groups)
+    data = batches(8, 1)
+    losses, _ = train_engine(engine, data)
+    ref = make_model(setup)
+    ref_losses, _, _ = train_reference(ref, optim_config(setup), data)
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    assert_weights_close(engine.state_dict()["weights"], ref)
+    assert engine.host.peak <= host_budget
+
+
+def test_snapshot_and_memory_report_every_chunk():
+    setup = Setup()
+    engine = attach_copy(make_model(setup), setup)
+    engine.forward_backward(*batches(1, 1)[0][0], 1.0)
+    snapshot = engine.chunk_snapshot()
+    assert len(snapshot) == 4 * len(engine.groups)  # param (= master in fp32), grad, two moments
+    assert {row["kind"] for row in snapshot} == {"param", "grad", "moments"}
+    assert {row["location"] for row in snapshot} <= {"gpu", "cpu", "moving"}
+    assert all(row["bytes"] == FP32_CHUNK_BYTES for row in snapshot)
+    on_gpu = sum(row["bytes"] for row in snapshot if row["location"] == "gpu")
+    assert engine.memory()["gpu_mem"] == on_gpu
+    assert engine.memory()["cpu_mem"] == 4 * len(engine.groups) * FP32_CHUNK_BYTES
+    engine.close()
+
+
+def test_plan_homes_fills_the_measured_margin_from_the_last_group():
+    groups = [GroupBytes(param=10, grad=10, rest=20) for _ in range(4)]  # state 30, total 40
+    inf = float("inf")
+    assert plan_homes(groups, gpu_cap=inf, cpu_cap=inf, nonmodel=0, policy="auto", fill=False) == [False] * 4
+    # 200 - 15 non-model - 40 cached params - 10 grad = 135 margin: four states of 30 fit
+    assert plan_homes(groups, gpu_cap=200, cpu_cap=inf, nonmodel=15, policy="auto", fill=True) == [True] * 4
+    # 130 - 40 - 10 - 15 = 65: two states fit, the last groups first
+    assert plan_homes(groups, gpu_cap=130, cpu_cap=inf, nonmodel=15, policy="auto", fill=True) == [False, False, True, True]
+    assert plan_homes(groups, gpu_cap=130, cpu_cap=inf, nonmodel=15, policy="host", fill=True) == [False] * 4
+    # host holds 100 of 160: two groups must live on the device
+    assert plan_homes(groups, gpu_cap=200, cpu_cap=100, nonmodel=0, policy="host", fill=False) == [False, False, True, True]
+    with pytest.raises(BudgetError):
+        plan_homes(groups, gpu_cap=100, cpu_cap=100, nonmodel=0, policy="host", fill=False)
+    with pytest.raises(BudgetError):
+        plan_homes(groups, gpu_cap=150, cpu_cap=inf, nonmodel=0, policy="device", fill=False)

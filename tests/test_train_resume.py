@@ -1,0 +1,85 @@
+"""A run stopped and resumed logs exactly the losses of an uninterrupted run (CPU, bit-exact)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from homestar.cli import main
+from homestar.train.events import read_events
+from train_helpers import FAST, step_losses
+
+
+def _train(corpus, run_dir, steps, *extra):
+    assert main(["train", *FAST, "--data", str(corpus), "--run-dir", str(run_dir), "--steps", str(steps),
+                 "--runtime", "torch", *extra]) == 0
+
+
+def _wait_for_step(run_dir, step, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and max(step_losses(run_dir), default=0) >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{run_dir} did not reach step {step} in {timeout} s")
+
+
+def test_resume_continues_bit_exact(tmp_path, homestar_home, corpus_dir):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    _train(corpus_dir, whole, 40, "--save-every", "20")
+    _train(corpus_dir, split, 20, "--save-every", "20")
+    assert main(["resume", str(split), "--steps", "40", "--headless"]) == 0
+    expected, got = step_losses(whole), step_losses(split)
+    assert sorted(got) == list(range(1, 41))
+    assert got == expected  # bit-exact: the same floats, step for step
+
+
+def test_resume_after_sigkill_between_checkpoints(tmp_path, homestar_home, corpus_dir):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    _train(corpus_dir, whole, 30, "--save-every", "10")
+    cmd = [sys.executable, "-m", "homestar", "train", *FAST, "--data", str(corpus_dir), "--run-dir", str(killed),
+           "--steps", "30", "--save-every", "10", "--runtime", "torch"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "HOMESTAR_HOME": str(homestar_home)})
+    _wait_for_step(killed, 13)  # kill after the step-10 save, before step 20's
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    logged = max(step_losses(killed))
+    assert 13 <= logged < 30
+    assert main(["resume", str(killed), "--headless"]) == 0
+    assert step_losses(killed) == step_losses(whole)
+
+
+def test_sigterm_saves_and_stops(tmp_path, homestar_home, corpus_dir):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "homestar", "train", *FAST, "--data", str(corpus_dir), "--run-dir", str(run),
+           "--steps", "500", "--save-every", "0", "--runtime", "torch"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "HOMESTAR_HOME": str(homestar_home)})
+    _wait_for_step(run, 3)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    saved = sorted((run / "checkpoints").iterdir())
+    assert len(saved) == 1 and int(saved[0].name.split("_")[1]) == max(step_losses(run))
+    last = (run / "metrics.jsonl").read_text().splitlines()[-1]
+    assert '"status":"stopped"' in last
+
+
+@pytest.mark.parametrize("runtime_flag", ["torch"])
+def test_loss_falls_and_sample_prints(tmp_path, homestar_home, corpus_dir, capsys, runtime_flag):
+    run = tmp_path / "run"
+    _train(corpus_dir, run, 30, "--save-every", "30", "--lr", "3e-3", "--sample-every", "15")
+    losses = step_losses(run)
+    assert losses[30] < 0.8 * losses[1]
+    samples = [e for e in read_events(run / "metrics.jsonl") if e["event"] == "sample"]
+    assert [s["step"] for s in samples] == [15, 30] and all(s["text"] for s in samples)
+    capsys.readouterr()
+    assert main(["sample", str(run), "--prompt", "def ", "--tokens", "20"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("def ") and len(out) > len("def ") + 5
