@@ -131,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     warnings.showwarning = _one_line_warning
     try:
         if args.command is None:
@@ -166,8 +168,24 @@ def _console_sinks(args) -> list:
     return [ConsoleSink()]
 
 
+def _wants_app(args) -> bool:
+    """The app opens unless --headless was given or there is no terminal to draw on."""
+    if args.headless or not (sys.stdin.isatty() and sys.stdout.isatty()):
+        return False
+    try:
+        import homestar.tui  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _train(args) -> int:
     from homestar.train.session import TrainRequest, start_run
+
+    if _wants_app(args):
+        from homestar.tui import run_app
+
+        return run_app(train_argv=[a for a in args.argv[1:] if a != "--headless"])
 
     request = TrainRequest(
         preset=args.preset, data=args.data, tokenizer=args.tokenizer, steps=args.steps, run_dir=args.run_dir,
@@ -183,6 +201,11 @@ def _train(args) -> int:
 
 def _resume(args) -> int:
     from homestar.train.session import resume_run
+
+    if _wants_app(args):
+        from homestar.tui import run_app
+
+        return run_app(resume_dir=Path(args.run_dir), resume_steps=args.steps)
 
     session = resume_run(Path(args.run_dir), _console_sinks(args), steps=args.steps)
     session.run()

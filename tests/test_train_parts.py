@@ -96,3 +96,37 @@ def test_interrupted_save_is_invisible(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000010"]
     assert json.loads((list_checkpoints(tmp_path)[0] / "manifest.json").read_text())["step"] == 10
     assert math.isfinite(load_latest(tmp_path)[1]["step"])
+
+
+def test_full_disk_fails_the_save_cleanly(tmp_path, monkeypatch):
+    import errno
+
+    import homestar.train.checkpoint as ckpt
+
+    save_checkpoint(tmp_path, 10, _state(10), {"data": {}, "tokens": 0})
+    real_save = ckpt.save_file
+    calls = []
+
+    def fill_disk(tensors, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(tensors, path)
+
+    monkeypatch.setattr(ckpt, "save_file", fill_disk)
+    with pytest.raises(CheckpointError, match="No space left"):
+        save_checkpoint(tmp_path, 20, _state(20), {"data": {}, "tokens": 0})
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000010"]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_0000010"]
+    assert load_latest(tmp_path)[1]["step"] == 10
+
+
+def test_save_refused_when_disk_is_too_small(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10, 10, 0))
+    with pytest.raises(CheckpointError, match="not enough disk space"):
+        save_checkpoint(tmp_path, 10, _state(10), {"data": {}, "tokens": 0})
+    assert list_checkpoints(tmp_path) == []

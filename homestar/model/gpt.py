@@ -129,7 +129,9 @@ class GPT(nn.Module):
         if t > self.config.seq_len:
             raise ValueError(f"sequence of {t} tokens is longer than seq_len {self.config.seq_len}")
         pos = torch.arange(t, device=idx.device)  # small allocation per call
-        x = self.wte(idx) + self.wpe(pos)
+        # The residual stream is fp32 even when the weights are stored in bf16 (as the chunk
+        # runtime stores them): autocast then matches plain fp32-weight autocast numerics.
+        x = (self.wte(idx) + self.wpe(pos)).float()
         recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
         for block in self.h:
             # Non-reentrant checkpoint calls block(x) again in backward, so module hooks fire again.

@@ -72,8 +72,10 @@ class CudaDevice(DeviceSpace):
         return event is None or event.query()  # non-blocking query
 
     def nonmodel_bytes(self) -> int:
-        # memory_allocated is a host-side counter: no sync
-        return max(torch.cuda.memory_allocated(self.device) - self.used, 0)
+        # a host-side counter, no sync; the nested-dict query costs ~20 us where
+        # torch.cuda.memory_allocated() flattens every statistic in Python (~0.3 ms)
+        stats = torch.cuda.memory_stats_as_nested_dict(self.device)
+        return max(stats["allocated_bytes"]["all"]["current"] - self.used, 0)
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)  # full sync: state export and close only

@@ -61,7 +61,7 @@ class ChunkAdamW:
                 self._clip(grad_list, total)
             for index, infos in by_group.items():
                 self._adam_group(self.groups[index], infos, grads, lr)
-            self.step_count += 1
+            self.step_count += bool(active)  # as torch: a step without gradients changes nothing
         self._finish(by_group)
         return StepReport(grad_norm=grad_norm, skipped=skipped, timings={"optimizer": time.perf_counter() - started})
 

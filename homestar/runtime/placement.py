@@ -45,20 +45,21 @@ class Placement:
     # -- compute access -------------------------------------------------------------------
     def acquire(self, chunk: Chunk, indices: Iterable[int]) -> torch.Tensor:
         """Bring `chunk` to the device, mark the given slots COMPUTE, prefetch; device tensor."""
-        self.tracer.access(chunk.id, self._nonmodel())
+        nonmodel = self.device.nonmodel_bytes()  # one sample per access
+        self.tracer.access(chunk.id, nonmodel)
         chunk.last_access = self.tracer.clock
         resident, empty = chunk.resident, chunk.is_empty()
         for index in indices:
             chunk.move(index, Move.ACQUIRE)  # first: in use, it cannot be chosen as a victim
         # also when resident: activations may have grown into the chunks' share of the budget
-        self._make_room(0 if resident else chunk.nbytes)
+        self._make_room(0 if resident else chunk.nbytes, nonmodel)
         if not resident:
             self._fetch(chunk, make_room=False, empty=empty)
         if chunk.ready is not None:
             self.device.compute_wait(chunk.ready, chunk.device)  # stream wait, no host sync
             chunk.ready = None
-        self._note_peak()
-        self.prefetch()
+        self.peak_device = max(self.peak_device, self.device.used + nonmodel)
+        self.prefetch(nonmodel)
         return chunk.device
 
     def release(self, chunk: Chunk, indices: Iterable[int], move: Move, *, wrote: bool = False) -> None:
@@ -184,14 +185,15 @@ class Placement:
             self.drop_device_copy(chunk)
 
     # -- prefetch, fetch, evict -----------------------------------------------------------
-    def prefetch(self) -> None:
+    def prefetch(self, nonmodel: int | None = None) -> None:
         """Fetch the next chunks of the replayed trace if room exists (Belady-consistent)."""
         for chunk_id in self.tracer.upcoming(self.prefetch_depth):
             chunk = self.chunks[chunk_id]
             if chunk.resident or chunk.is_empty():
                 continue
             wanted = self.tracer.distance(chunk_id)
-            victims = choose_victims(self._candidates(), chunk.nbytes, self._room(), self._distance, farther_than=wanted)
+            room = self._room(nonmodel)
+            victims = choose_victims(self._candidates(), chunk.nbytes, room, self._distance, farther_than=wanted)
             if victims is None:
                 return
             for victim in victims:
@@ -214,8 +216,8 @@ class Placement:
         self.stats["fetches"] += 1
         self._note_peak()
 
-    def _make_room(self, need: int) -> None:
-        room = self._room()
+    def _make_room(self, need: int, nonmodel: int | None = None) -> None:
+        room = self._room(nonmodel)
         if room >= need:
             return
         victims = choose_victims(self._candidates(), need, room, self._distance)
@@ -223,7 +225,7 @@ class Placement:
             in_use = sum(c.nbytes for c in self.chunks if c.resident and (c.in_use() or c.home == "device"))
             raise BudgetError(
                 f"device budget of {fmt_bytes(self.device.budget or 0)} too small: {fmt_bytes(in_use)} of chunks "
-                f"in use or living there, {fmt_bytes(self._reserve())} for activations and workspace, "
+                f"in use or living there, {fmt_bytes(self._reserve(nonmodel))} for activations and workspace, "
                 f"{fmt_bytes(need)} more needed; lower the micro-batch or raise the budget"
             )
         for victim in victims:
@@ -249,21 +251,19 @@ class Placement:
     def _distance(self, chunk: Chunk) -> float:
         return self.tracer.distance(chunk.id)
 
-    def _reserve(self) -> int:
+    def _reserve(self, nonmodel: int | None = None) -> int:
         """Device bytes to leave for non-model memory now: the trace's forecast for the coming
         moments (or, untraced, what is in use now), plus the configured headroom."""
-        traced = self.tracer.reserve()
-        measured = traced if traced is not None else self.device.nonmodel_bytes()
+        measured = self.tracer.reserve()
+        if measured is None:
+            measured = self.device.nonmodel_bytes() if nonmodel is None else nonmodel
         return int(measured * (1.0 + self.headroom))
 
-    def _room(self) -> float:
-        return self.device.room(self._reserve())
-
-    def _nonmodel(self) -> int:
-        return self.device.nonmodel_bytes()
+    def _room(self, nonmodel: int | None = None) -> float:
+        return self.device.room(self._reserve(nonmodel))
 
     def _note_peak(self) -> None:
-        self.peak_device = max(self.peak_device, self.device.used + self._nonmodel())
+        self.peak_device = max(self.peak_device, self.device.used + self.device.nonmodel_bytes())
 
     def close(self) -> None:
         """Forget every chunk's memory (after a device sync); the spaces' books go to zero."""

@@ -37,10 +37,37 @@ def save_checkpoint(run_dir: Path, step: int, engine_state: dict, trainer_state:
     """Write checkpoint `step` atomically and prune all but the newest `keep`; returns its folder."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    final = root / checkpoint_name(step)
+    _check_disk(root, engine_state)
     tmp = root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+        _write(tmp, step, engine_state, trainer_state)
+    except (OSError, SafetensorError) as exc:  # a full disk: the previous checkpoint stays the latest
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not save checkpoint {step} in {root}: {getattr(exc, 'strerror', None) or exc}") from None
+    final = root / checkpoint_name(step)
+    if final.exists():  # re-saving the same step (e.g. save-now right after a periodic save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    _prune(root, keep)
+    return final
+
+
+def _check_disk(root: Path, engine_state: dict) -> None:
+    """Refuse to start a save that cannot fit (the moments and weights dominate its size)."""
+    tensors = [*engine_state["weights"].values(), *engine_state["optimizer"]["exp_avg"].values(),
+               *engine_state["optimizer"]["exp_avg_sq"].values()]
+    need = sum(t.numel() * t.element_size() for t in tensors) + (1 << 20)
+    free = shutil.disk_usage(root).free
+    if free < need:
+        raise CheckpointError(f"not enough disk space to save a checkpoint in {root}: "
+                              f"{need / 2**30:.2f} GiB needed, {free / 2**30:.2f} GiB free")
+
+
+def _write(tmp: Path, step: int, engine_state: dict, trainer_state: dict) -> None:
+    """Every file of one checkpoint into `tmp`, each fsynced, the manifest last."""
     optimizer = dict(engine_state["optimizer"])
     moments = {f"exp_avg/{n}": t for n, t in optimizer.pop("exp_avg").items()}
     moments.update({f"exp_avg_sq/{n}": t for n, t in optimizer.pop("exp_avg_sq").items()})
@@ -55,12 +82,6 @@ def save_checkpoint(run_dir: Path, step: int, engine_state: dict, trainer_state:
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     for f in files + ["manifest.json"]:
         _fsync(tmp / f)
-    if final.exists():  # re-saving the same step (e.g. save-now right after a periodic save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    _prune(root, keep)
-    return final
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

@@ -17,6 +17,7 @@ import psutil
 import torch
 
 from homestar.train import events as ev
+from homestar.errors import CheckpointError
 from homestar.train.checkpoint import save_checkpoint
 from homestar.train.config import RunConfig
 from homestar.train.control import Control
@@ -79,7 +80,7 @@ class Trainer:
             for s, handler in previous.items():
                 signal.signal(s, handler)
         if self._last_saved != self.progress.step:
-            self.save()
+            self.save(final=True)
         self.emit(ev.End(time=self._now(), step=self.progress.step, status=status))
         return status
 
@@ -153,10 +154,18 @@ class Trainer:
                            generator=generator, device=self.config.device)
         self.emit(ev.Sample(time=self._now(), step=self.progress.step, prompt=prompt, text=text))
 
-    def save(self) -> Path:
+    def save(self, *, final: bool = False) -> Path | None:
+        """Checkpoint now. A periodic save that fails (full disk) is reported and training goes
+        on with the previous checkpoint intact; a failed final save is an error for the caller."""
         progress = {"tokens": self.progress.tokens, "data": self.progress.data}
-        path = save_checkpoint(self.run_dir, self.progress.step, self.engine.state_dict(), progress,
-                               keep=self.config.keep_checkpoints)
+        try:
+            path = save_checkpoint(self.run_dir, self.progress.step, self.engine.state_dict(), progress,
+                                   keep=self.config.keep_checkpoints)
+        except CheckpointError as exc:
+            if final:
+                raise
+            self.emit(ev.Error(time=self._now(), step=self.progress.step, message=str(exc)))
+            return None
         self._last_saved = self.progress.step
         self.emit(ev.Checkpoint(time=self._now(), step=self.progress.step, path=str(path)))
         return path
