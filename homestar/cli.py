@@ -1,4 +1,4 @@
-"""The command line: `homestar [train|resume|runs|plan|sample|bench]`, and the headless printer.
+"""The command line: `homestar [train|resume|runs|plan|sample|bench|export]`, and the headless printer.
 
 Parses flags, calls into train/ and planner/, and turns every HomestarError into one line on
 stderr and a non-zero exit. Heavy imports (torch, the app) happen inside the commands.
@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--decay-steps", type=_positive_int, default=None, help="cosine horizon (default: max(5000, steps))")
     train.add_argument("--chunk-elems", type=_positive_int, default=None, help="elements per chunk (default: chosen)")
     train.add_argument("--headless", action="store_true", help="print progress lines instead of opening the app")
+    train.add_argument("--init-from", default=None, metavar="DIR",
+                       help="start from a local Hugging Face GPT-2 folder (its shape, weights and tokenizer; "
+                            "training defaults of the nearest preset; not with --preset)")
 
     resume = sub.add_parser("resume", help="continue a saved run exactly")
     resume.add_argument("run_dir")
@@ -117,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--top-k", type=_positive_int, default=40)
     sample.add_argument("--seed", type=_non_negative_int, default=0)
     sample.add_argument("--device", choices=("auto", "cuda", "cpu"), default="cpu")
+
+    export = sub.add_parser("export", help="write a run's checkpoint as a Hugging Face transformers GPT-2 folder")
+    export.add_argument("run_dir")
+    export.add_argument("out_dir", help="a new (or empty) folder")
+    export.add_argument("--step", type=_positive_int, default=None, help="checkpoint step (default: the latest)")
+    export.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="weights' dtype in the file")
     return parser
 
 
@@ -139,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             return _app(parser)
         handler = {"train": _train, "resume": _resume, "runs": _runs, "sample": _sample, "bench": _bench,
-                   "plan": _plan}[args.command]
+                   "plan": _plan, "export": _export}[args.command]
         return handler(args) or 0
     except HomestarError as exc:
         print(f"homestar: error: {exc}", file=sys.stderr)
@@ -147,6 +156,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("homestar: interrupted", file=sys.stderr)
         return 130
+    except MemoryError as exc:  # host RAM (or, via the check below, GPU memory) ran out
+        print(f"homestar: error: out of memory: {_first_line(exc)}; the run keeps its last checkpoint "
+              "(try a smaller --micro-batch or preset)", file=sys.stderr)
+        return 3
+    except RuntimeError as exc:
+        if not _is_cuda_oom(exc):
+            raise
+        print(f"homestar: error: out of GPU memory ({_first_line(exc)}); the run keeps its last checkpoint "
+              "(try a smaller --micro-batch or --gpu-mem-gib)", file=sys.stderr)
+        return 3
+
+
+def _is_cuda_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -193,6 +222,7 @@ def _train(args) -> int:
         micro_batch=args.micro_batch, accum=args.accum, seq_len=args.seq_len, save_every=args.save_every,
         eval_every=args.eval_every, sample_every=args.sample_every, seed=args.seed, precision=args.precision,
         runtime=args.runtime, lr=args.lr, decay_steps=args.decay_steps, chunk_elems=args.chunk_elems,
+        init_from=args.init_from,
     )
     session = start_run(request, _console_sinks(args))
     session.run()
@@ -267,6 +297,15 @@ def _sample(args) -> int:
     text = generate_from_run(Path(args.run_dir), args.prompt, tokens=args.tokens, temperature=args.temperature,
                              top_k=args.top_k, seed=args.seed, device=args.device)
     print(args.prompt + text)
+    return 0
+
+
+def _export(args) -> int:
+    from homestar.hf import export_run
+
+    done = export_run(Path(args.run_dir), Path(args.out_dir), step=args.step, dtype=args.dtype)
+    print(f"exported step {done.step} ({done.params / 1e6:,.1f}M params, {args.dtype}) to {done.path}; "
+          "load it with transformers' GPT2LMHeadModel.from_pretrained and AutoTokenizer.from_pretrained")
     return 0
 
 

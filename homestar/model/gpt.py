@@ -26,6 +26,19 @@ _CE_CHUNK_ELEMS = 1 << 25
 """Logit elements upcast to fp32 at once by the loss: 32 M elements, a 128 MiB transient."""
 
 
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm that accepts weights stored in a lower precision than its input.
+
+    Whoever holds the weights (a memory runtime may keep them in bf16) the normalisation runs in
+    the input's dtype, as autocast does on CUDA; CPU autocast would otherwise refuse the mix.
+    The casts are no-ops when the dtypes already agree."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        bias = self.bias if self.bias.dtype == x.dtype else self.bias.to(x.dtype)
+        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with a fused qkv projection (SDPA kernel)."""
 
@@ -61,9 +74,9 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.d_model, eps=_LN_EPS)
+        self.ln_1 = LayerNorm(config.d_model, eps=_LN_EPS)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.d_model, eps=_LN_EPS)
+        self.ln_2 = LayerNorm(config.d_model, eps=_LN_EPS)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,7 +99,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         self.wpe = nn.Embedding(config.seq_len, config.d_model)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.d_model, eps=_LN_EPS)
+        self.ln_f = LayerNorm(config.d_model, eps=_LN_EPS)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self._tie()
         self.init_weights()

@@ -25,12 +25,9 @@ from safetensors.torch import load_file, save_file
 
 from homestar.errors import CheckpointError
 
+from homestar.train.run_files import checkpoint_name, list_checkpoints  # noqa: F401  (re-exported)
+
 FORMAT = 1
-_PREFIX = "step_"
-
-
-def checkpoint_name(step: int) -> str:
-    return f"{_PREFIX}{step:07d}"
 
 
 def save_checkpoint(run_dir: Path, step: int, engine_state: dict, trainer_state: dict, *, keep: int = 2) -> Path:
@@ -82,15 +79,6 @@ def _write(tmp: Path, step: int, engine_state: dict, trainer_state: dict) -> Non
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     for f in files + ["manifest.json"]:
         _fsync(tmp / f)
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Finished checkpoint folders, oldest first (temporary folders of interrupted saves excluded)."""
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(_PREFIX) and p.name[len(_PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
 
 
 def load_latest(run_dir: Path, *, warn=None) -> tuple[dict, dict]:

@@ -58,6 +58,9 @@ class RunConfig:
     beta1: float
     beta2: float
     keep_checkpoints: int = 2
+    init_from: str | None = None
+    """The Hugging Face GPT-2 folder whose weights started the run (absolute path), or None for a
+    randomly initialised one. Read again only by a resume that finds no checkpoint yet."""
     created: float = field(default_factory=time.time)
     format: int = 1
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from homestar.errors import HomestarError
-from homestar.train.checkpoint import list_checkpoints
+from homestar.train.run_files import checkpoint_step, list_checkpoints
 from homestar.train.config import RunConfig
 from homestar.train.events import read_events
 from homestar.train.lock import is_locked
@@ -46,7 +46,7 @@ def read_run(path: Path) -> RunInfo:
     else:
         status = "interrupted"
     checkpoints = list_checkpoints(path)
-    saved = int(checkpoints[-1].name.split("_")[1]) if checkpoints else None
+    saved = checkpoint_step(checkpoints[-1]) if checkpoints else None
     return RunInfo(
         name=path.name, path=path, preset=config.preset,
         step=int(steps[-1]["step"]) if steps else 0, saved_step=saved, total_steps=config.steps,

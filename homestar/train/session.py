@@ -48,13 +48,25 @@ class TrainRequest:
     decay_steps: int | None = None
     chunk_elems: int | None = None
     activation_checkpointing: bool | None = None
+    init_from: str | None = None
+    """A local Hugging Face GPT-2 folder to start from: its shape, weights and tokenizer replace
+    the preset's (whose name must then be left at "auto") and the learned tokenizer."""
 
 
 def _pick_preset(request: TrainRequest, device: str):
     """The preset asked for; for "auto", the plan's recommendation with the plan's settings
-    filled into the request wherever the user left them open."""
+    filled into the request wherever the user left them open. With --init-from, the folder's
+    shape with the training defaults of the nearest shipped preset (no plan is made)."""
     from homestar.model import load_preset
 
+    if request.init_from:
+        from homestar.hf import init_preset, model_folder
+
+        if request.preset != "auto":
+            raise ConfigError("--preset cannot be combined with --init-from: the model's shape comes from the folder")
+        if request.tokenizer:
+            raise ConfigError("--tokenizer cannot be combined with --init-from: the folder's tokenizer is used")
+        return init_preset(model_folder(request.init_from), seq_len=request.seq_len)
     if request.preset != "auto":
         return load_preset(request.preset)
     from homestar.errors import BudgetError
@@ -100,6 +112,7 @@ def make_config(request: TrainRequest, name: str) -> RunConfig:
         lr=lr, min_lr=min(t.min_lr, lr), warmup_steps=t.warmup_steps,
         decay_steps=request.decay_steps if request.decay_steps is not None else max(DEFAULT_DECAY_STEPS, request.steps),
         weight_decay=t.weight_decay, grad_clip=t.grad_clip, beta1=t.beta1, beta2=t.beta2,
+        init_from=str(Path(request.init_from).expanduser().resolve()) if request.init_from else None,
     )
 
 
@@ -153,7 +166,13 @@ def start_run(request: TrainRequest, sinks: list) -> Session:
     run_dir = _new_run_dir(request, config.preset)
     source = resolve_source(request.data)
     tokenizer_path = Path(request.tokenizer).expanduser() if request.tokenizer else None
-    tokenizer = load_tokenizer(source, config.model["vocab_size"], cache_dir=cache_dir(), tokenizer_path=tokenizer_path)
+    if config.init_from:
+        from homestar.hf import read_tokenizer
+
+        tokenizer = read_tokenizer(Path(config.init_from), vocab_size=config.model["vocab_size"])
+    else:
+        tokenizer = load_tokenizer(source, config.model["vocab_size"], cache_dir=cache_dir(),
+                                   tokenizer_path=tokenizer_path)
     tokens = load_tokens(source, tokenizer, cache_dir=cache_dir())
     _check_enough_tokens(tokens.train, tokens.val, config)
     config.name = run_dir.name
@@ -162,6 +181,8 @@ def start_run(request: TrainRequest, sinks: list) -> Session:
     config.tokenizer_hash = tokenizer_hash(tokenizer)
     model = build_model(config)
     engine = build_engine(config, model)
+    if config.init_from:
+        _load_init_weights(engine, config)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run_dir).acquire()
     config.save(run_dir)
@@ -199,6 +220,8 @@ def resume_run(run_dir: Path, sinks: list, *, steps: int | None = None) -> Sessi
             except (KeyError, RuntimeError, ValueError) as exc:
                 raise CheckpointError(f"the checkpoint in {run_dir} does not fit this run's model ({exc})") from None
             restore_rng(loaded[1])
+        elif config.init_from:  # stopped before its first checkpoint: start from the folder again
+            _load_init_weights(engine, config)
         config.steps = target
         config.save(run_dir)
         ev.truncate_events(run_dir / "metrics.jsonl", progress.step)
@@ -206,6 +229,19 @@ def resume_run(run_dir: Path, sinks: list, *, steps: int | None = None) -> Sessi
         lock.release()
         raise
     return _session(config, run_dir, engine, model, data, sinks, lock, progress, resumed=True)
+
+
+def _load_init_weights(engine, config: RunConfig) -> None:
+    """Put the --init-from folder's weights into the engine, with a fresh optimizer (step 0).
+    Cost: the whole model once more in fp32 host memory while it is copied in."""
+    from homestar.hf import read_weights
+    from homestar.model import GPTConfig
+
+    folder = Path(config.init_from)
+    if not folder.is_dir():
+        raise CheckpointError(f"the run starts from {folder}, which is gone, and has no checkpoint yet")
+    weights = read_weights(folder, GPTConfig(**config.model))
+    engine.load_state_dict({"weights": weights, "optimizer": {"step": 0, "exp_avg": {}, "exp_avg_sq": {}}})
 
 
 def _session(config, run_dir, engine, model, data, sinks, lock, progress, *, resumed) -> Session:
