@@ -80,6 +80,25 @@ def test_loss_falls_and_sample_prints(tmp_path, homestar_home, corpus_dir, capsy
     samples = [e for e in read_events(run / "metrics.jsonl") if e["event"] == "sample"]
     assert [s["step"] for s in samples] == [15, 30] and all(s["text"] for s in samples)
     capsys.readouterr()
+    assert main(["runs"]) == 0  # a run kept outside the default folder is listed too
+    listed = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert ["run", "debug", "30"] == listed[0][:3] and listed[0][4:] == ["finished", "yes"]
     assert main(["sample", str(run), "--prompt", "def ", "--tokens", "20"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("def ") and len(out) > len("def ") + 5
+
+
+def test_chunked_runtime_logs_the_losses_of_plain_pytorch(tmp_path, homestar_home, corpus_dir):
+    """`train --runtime chunked --gpu-mem-gib 0.01` (a simulated device that forces eviction every
+    step) logs the losses of `--runtime torch`, and logs chunk placement events."""
+    _train(corpus_dir, tmp_path / "torch", 12, "--save-every", "0")
+    assert main(["train", *FAST, "--data", str(corpus_dir), "--run-dir", str(tmp_path / "chunked"), "--steps", "12",
+                 "--save-every", "0", "--runtime", "chunked", "--gpu-mem-gib", "0.01"]) == 0
+    reference, chunked = step_losses(tmp_path / "torch"), step_losses(tmp_path / "chunked")
+    assert sorted(chunked) == list(range(1, 13))
+    for step, loss in reference.items():
+        assert abs(chunked[step] - loss) <= 1e-4 * abs(loss), (step, loss, chunked[step])
+    events = read_events(tmp_path / "chunked" / "metrics.jsonl")
+    snapshots = [e for e in events if e["event"] == "chunks"]
+    assert snapshots and {c["kind"] for c in snapshots[0]["chunks"]} >= {"param", "grad", "master", "moments"}
+    assert all(c["location"] in ("gpu", "cpu", "moving") and c["bytes"] > 0 for c in snapshots[-1]["chunks"])

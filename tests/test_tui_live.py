@@ -100,11 +100,7 @@ def test_train_quit_and_resume_with_the_real_trainer(tmp_path, monkeypatch):
     assert saved >= 3 and (first.run_dir / "checkpoints" / f"step_{saved:07d}").is_dir()
     print(f"\nkey press answered in {statistics.median(latencies) * 1000:.1f} ms median, "
           f"{max(latencies) * 1000:.1f} ms worst, over {len(latencies)} presses while training")
-    # The typical press well within the deadline, at most two of eight over it, none near a stall.
-    # (Slack for the slowest: on a 2-core machine the trainer's threads, and whatever else runs there,
-    # take the CPU from the app now and then; a UI that blocked on the trainer would fail all three.)
-    late = sum(1 for t in latencies if t >= KEY_DEADLINE_S)
-    assert statistics.median(latencies) < KEY_DEADLINE_S / 2 and late <= 2 and max(latencies) < 0.5, latencies
+    assert max(latencies) < KEY_DEADLINE_S, latencies  # every press answered within 100 ms
 
     async def second_session() -> TrainingScreen:
         app = make_app(**settings)

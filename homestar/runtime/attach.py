@@ -1,7 +1,7 @@
 """`attach`: move a model's parameters into chunks and return the engine that trains it.
 
 Steps: list the parameters once each (tied ones under their first name), choose the chunk size
-and layout, decide which chunk groups live on the device (BudgetError if the model cannot fit
+(capped by the device budget, so a large model streams small chunks) and layout, decide which chunk groups live on the device (BudgetError if the model cannot fit
 in both budgets), allocate every chunk in its home, copy each parameter in (fp32 master, cast
 param copy), then point the parameters at NaN placeholders so the original tensors are freed as
 the copy proceeds. A model built on the meta device is initialised one parameter at a time
@@ -23,7 +23,7 @@ from homestar.runtime.chunk import Chunk, ChunkGroup, Kind
 from homestar.runtime.config import RuntimeConfig
 from homestar.runtime.engine import ChunkedEngine, LossFn, default_loss
 from homestar.runtime.homes import GroupBytes, plan_homes
-from homestar.runtime.layout import Layout, choose_chunk_elems, plan_layout
+from homestar.runtime.layout import Layout, choose_chunk_elems, max_chunk_elems, plan_layout
 from homestar.runtime.memory import DeviceSpace, HostMemory, SimulatedDevice
 from homestar.runtime.optimizer import ChunkAdamW
 from homestar.runtime.placement import Placement
@@ -48,19 +48,17 @@ def attach(
     device; required when the model was built there, ignored otherwise.
     """
     named = _unique_parameters(model)
-    sizes = [(name, p.numel()) for name, p in named]
-    chunk_elems = config.chunk_elems or choose_chunk_elems(sizes, align=config.align_elems)
-    layout = plan_layout(sizes, chunk_elems, align=config.align_elems)
     device = _device_space(config)
     host = HostMemory(config.cpu_budget_bytes, pin=config.device == "cuda")
+    layout = _layout(named, config, device.budget)
     group_bytes = _group_bytes(layout, config)
     homes = plan_homes(
-        group_bytes, gpu_cap=_cap(device.budget), cpu_cap=_cap(host.budget), nonmodel=0,
-        policy=config.optimizer_placement, fill=False,
+        group_bytes, gpu_cap=_cap(device.budget), cpu_cap=_cap(host.budget),
+        nonmodel=config.nonmodel_estimate_bytes or 0, policy=config.optimizer_placement, fill=False,
     )
     groups, chunks = _make_groups(layout, config, homes)
     placement = Placement(chunks, device, host, Tracer(), prefetch_depth=config.prefetch_depth,
-                          headroom=config.nonmodel_headroom)
+                          headroom=config.nonmodel_headroom, estimate=config.nonmodel_estimate_bytes or 0)
     for chunk in chunks:
         placement.allocate_home(chunk)
     params = _materialize(model, named, init_fn, device.device, config.compute_dtype)
@@ -99,18 +97,38 @@ def _device_space(config: RuntimeConfig) -> DeviceSpace:
     return CudaDevice(config.gpu_budget_bytes)
 
 
+def _layout(named, config: RuntimeConfig, budget: int | None) -> Layout:
+    """The configured chunk size, or the least-waste size under a cap derived from the device
+    budget (a parameter above the cap, such as a large embedding, gets a chunk of its own)."""
+    sizes = [(name, p.numel()) for name, p in named]
+    if config.chunk_elems is not None:
+        return plan_layout(sizes, config.chunk_elems, align=config.align_elems, oversize=True)
+    cap = None if budget is None else max_chunk_elems(budget, bytes_per_elem=working_set_bytes_per_elem(config))
+    chunk_elems = choose_chunk_elems(sizes, align=config.align_elems, max_elems=cap)
+    return plan_layout(sizes, chunk_elems, align=config.align_elems, oversize=True)
+
+
+def working_set_bytes_per_elem(config: RuntimeConfig) -> int:
+    """Bytes per chunk element of what streaming puts on the device at once: two param chunks
+    in use (a module may straddle two), `prefetch_depth` prefetched, a grad chunk being filled
+    and one whose write-back is still reading it."""
+    return (2 + config.prefetch_depth) * config.compute_dtype.itemsize + 2 * 4
+
+
 def _group_bytes(layout: Layout, config: RuntimeConfig) -> list[GroupBytes]:
-    param = layout.chunk_elems * config.compute_dtype.itemsize
-    fp32 = layout.chunk_elems * 4
-    rest = 3 * fp32 if config.mixed else 2 * fp32  # master (when separate) + two moments
-    return [GroupBytes(param=param, grad=fp32, rest=rest) for _ in range(layout.n_chunks)]
+    out = []
+    for index in range(layout.n_chunks):
+        elems = layout.chunk_numel(index)
+        rest = (3 if config.mixed else 2) * 4 * elems  # master (when separate) + two moments
+        out.append(GroupBytes(param=elems * config.compute_dtype.itemsize, grad=4 * elems, rest=rest))
+    return out
 
 
 def _make_groups(layout: Layout, config: RuntimeConfig, homes: list[bool]) -> tuple[list[ChunkGroup], list[Chunk]]:
     chunks: list[Chunk] = []
 
     def new(kind: Kind, index: int, dtype: torch.dtype, home: str) -> Chunk:
-        chunk = Chunk(id=len(chunks), kind=kind, group=index, numel=layout.chunk_elems, dtype=dtype,
+        chunk = Chunk(id=len(chunks), kind=kind, group=index, numel=layout.chunk_numel(index), dtype=dtype,
                       slots=layout.chunk_slots(index), home=home)
         chunks.append(chunk)
         return chunk

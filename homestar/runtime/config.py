@@ -30,7 +30,12 @@ class RuntimeConfig:
     cpu_budget_bytes: int | None = None
     """Cap for host memory the runtime allocates for chunks (pinned memory included). None: no cap."""
     chunk_elems: int | None = None
-    """Elements per chunk. None: the size with the least waste that holds the largest parameter."""
+    """Elements per chunk. None: the size with the least waste under a cap derived from the
+    device budget (`layout.max_chunk_elems`); a parameter larger than a chunk gets its own."""
+    nonmodel_estimate_bytes: int | None = None
+    """Expected peak of non-model device memory (activations, logits, workspace) before a trace
+    has measured it, e.g. the planner's estimate. attach raises BudgetError when the budget
+    cannot hold it next to the chunks' working set, and the warm-up run reserves it."""
     precision: str = "fp32"
     """"fp32" (param chunks double as master weights), "bf16" (bf16 compute, fp32 master) or
     "fp16" (fp16 compute, fp32 master, dynamic loss scaling)."""
@@ -58,7 +63,7 @@ class RuntimeConfig:
             raise ConfigError(f"precision must be one of {sorted(_PRECISIONS)}, not {self.precision!r}")
         if self.optimizer_placement not in _PLACEMENTS:
             raise ConfigError(f"optimizer_placement must be one of {_PLACEMENTS}")
-        for name in ("gpu_budget_bytes", "cpu_budget_bytes", "chunk_elems"):
+        for name in ("gpu_budget_bytes", "cpu_budget_bytes", "chunk_elems", "nonmodel_estimate_bytes"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name} must be positive, not {value}")

@@ -27,6 +27,9 @@ class CudaDevice(DeviceSpace):
             free, _ = torch.cuda.mem_get_info(device)
             budget = int(free) + torch.cuda.memory_allocated(device)
         super().__init__(device, budget)
+        self._low = 0
+        """Lowest chunk bytes since the window opened (chunks freed inside a window)."""
+        self._reserved_peak = 0
         self.upload_stream = torch.cuda.Stream(device)
         self.offload_stream = torch.cuda.Stream(device)
 
@@ -71,11 +74,38 @@ class CudaDevice(DeviceSpace):
     def done(self, event: Any) -> bool:
         return event is None or event.query()  # non-blocking query
 
+    def free(self, tensor: torch.Tensor) -> None:
+        super().free(tensor)
+        self._low = min(self._low, self.used)
+
     def nonmodel_bytes(self) -> int:
-        # a host-side counter, no sync; the nested-dict query costs ~20 us where
-        # torch.cuda.memory_allocated() flattens every statistic in Python (~0.3 ms)
+        # host-side counters, no sync; the nested-dict query costs ~20 us where
+        # torch.cuda.memory_allocated() flattens every statistic in Python (~0.3 ms).
+        # Inactive split bytes are free pieces of segments still partly in use: the allocator
+        # cannot give them back, so under a per-process memory cap they count as used.
         stats = torch.cuda.memory_stats_as_nested_dict(self.device)
-        return max(stats["allocated_bytes"]["all"]["current"] - self.used, 0)
+        held = stats["allocated_bytes"]["all"]["current"] + stats["inactive_split_bytes"]["all"]["current"]
+        return max(held - self.used, 0)
+
+    def nonmodel_peak(self) -> int:
+        # the allocator's peaks since `open_window` (one ~20 us query, no sync): catches the
+        # transient peaks between two moments (logits and their grad in the head's backward,
+        # a weight's grad before its hook, kernel workspaces). Chunk bytes did not grow inside
+        # the window (the runtime allocates only at moments), so `_low` is what they were.
+        stats = torch.cuda.memory_stats_as_nested_dict(self.device)
+        self._reserved_peak = max(self._reserved_peak, stats["reserved_bytes"]["all"]["peak"])
+        held = stats["allocated_bytes"]["all"]["peak"] + stats["inactive_split_bytes"]["all"]["peak"]
+        return max(held - self._low, 0)
+
+    def open_window(self) -> None:
+        # resets torch's peak counters (max_memory_allocated/reserved): read `allocator_peak`
+        # instead, which keeps the highest reserved figure across windows (`nonmodel_peak`,
+        # always called before this, folded the closing window's figure in)
+        torch.cuda.reset_peak_memory_stats(self.device)  # host-side counters, no sync
+        self._low = self.used
+
+    def allocator_peak(self) -> int:
+        return max(self._reserved_peak, torch.cuda.max_memory_reserved(self.device))
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)  # full sync: state export and close only

@@ -15,6 +15,7 @@ from typing import Callable, Hashable
 import torch
 from torch import nn
 
+from homestar.errors import BudgetError
 from homestar.optim import StepReport
 from homestar.runtime.binding import ParamTable
 from homestar.runtime.canonical import export_state, import_state
@@ -22,7 +23,7 @@ from homestar.runtime.chunk import ChunkGroup
 from homestar.runtime.config import RuntimeConfig
 from homestar.runtime.homes import GroupBytes, plan_homes
 from homestar.runtime.hooks import Phase, RuntimeHooks
-from homestar.runtime.memory import HostMemory
+from homestar.runtime.memory import HostMemory, fmt_bytes
 from homestar.runtime.optimizer import ChunkAdamW
 from homestar.runtime.placement import Placement
 from homestar.runtime.scaler import LossScaler
@@ -145,6 +146,7 @@ class ChunkedEngine:
             **self.placement.stats,
             "peak_device_bytes": self.placement.peak_device,
             "device_budget": self.placement.device.budget,
+            "allocator_peak_bytes": self.placement.device.allocator_peak(),
             "device_groups": [g.index for g in self.groups if g.optimizer_on_device],
         }
 
@@ -154,19 +156,30 @@ class ChunkedEngine:
         if self._closed:
             raise RuntimeError("engine is closed")
         self.tracer.begin(key)
+        self.placement.begin_work()
         try:
             yield
-        except BaseException:
+        except BaseException as error:
             self.hooks.phase = Phase.IDLE
             self.placement.abort()
             self.hooks.reset()
             self.tracer.abandon()
+            if isinstance(error, torch.OutOfMemoryError):
+                raise BudgetError(self._oom_message()) from error
             raise
         self.hooks.phase = Phase.IDLE
         self.hooks.end_backward()
-        recorded = self.tracer.end()
+        recorded = self.tracer.end(self.placement.tail_sample())
         if recorded is not None and recorded.key[0] == "train":
             self._replan()
+
+    def _oom_message(self) -> str:
+        device = self.placement.device
+        return (
+            f"the device ran out of memory: {fmt_bytes(device.used)} of chunks, "
+            f"{fmt_bytes(self.tracer.run_peak)} of activations and workspace measured so far, "
+            f"budget {fmt_bytes(device.budget or 0)}; lower the micro-batch or raise the budget"
+        )
 
     def _replan(self) -> None:
         """Re-decide device homes from the non-model memory every training trace measured

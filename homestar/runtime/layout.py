@@ -2,7 +2,9 @@
 
 No tensor is allocated here, so the planner can ask "how many chunks, how much waste" for a
 13B model on any machine. Parameters are packed greedily in the order given (the order the model
-uses them), never split across chunks, each aligned to `align` elements. Knows nothing of
+uses them), never split across chunks, each aligned to `align` elements. With `oversize`, a
+parameter larger than the chunk size (a large vocabulary's embedding) gets a chunk of its own,
+sized to it, so the other chunks (and the device working set) can stay small. Knows nothing of
 devices, states or models.
 """
 
@@ -27,11 +29,25 @@ class Slot:
 
 @dataclass(frozen=True, slots=True)
 class Layout:
-    """The packing of a list of parameters into `n_chunks` chunks of `chunk_elems` elements."""
+    """The packing of a list of parameters into `n_chunks` chunks of `chunk_elems` elements
+    (a chunk holding one oversized parameter alone is larger: `sizes`)."""
 
     chunk_elems: int
     slots: tuple[Slot, ...]
     n_chunks: int
+    sizes: tuple[int, ...] = ()
+    """Elements of each chunk; empty means every chunk has `chunk_elems`."""
+
+    def chunk_numel(self, chunk: int) -> int:
+        return self.sizes[chunk] if self.sizes else self.chunk_elems
+
+    @property
+    def total_elems(self) -> int:
+        return sum(self.sizes) if self.sizes else self.n_chunks * self.chunk_elems
+
+    @property
+    def largest_chunk(self) -> int:
+        return max(self.sizes, default=0) if self.sizes else self.chunk_elems
 
     @property
     def used_elems(self) -> int:
@@ -40,50 +56,80 @@ class Layout:
     @property
     def waste_elems(self) -> int:
         """Allocated but unused elements (alignment padding and chunk tails)."""
-        return self.n_chunks * self.chunk_elems - self.used_elems
+        return self.total_elems - self.used_elems
 
     def chunk_slots(self, chunk: int) -> tuple[Slot, ...]:
         """Slots of one chunk, in offset order."""
         return tuple(slot for slot in self.slots if slot.chunk == chunk)
 
 
-def plan_layout(named_sizes: list[tuple[str, int]], chunk_elems: int, *, align: int = 64) -> Layout:
-    """Pack (name, numel) pairs, in order, into chunks of `chunk_elems` elements."""
+def plan_layout(
+    named_sizes: list[tuple[str, int]], chunk_elems: int, *, align: int = 64, oversize: bool = False
+) -> Layout:
+    """Pack (name, numel) pairs, in order, into chunks of `chunk_elems` elements.
+
+    `oversize`: a parameter larger than a chunk gets a chunk of its own (else ConfigError).
+    """
     if chunk_elems <= 0 or align <= 0:
         raise ConfigError("chunk_elems and align must be positive")
     slots: list[Slot] = []
-    chunk, cursor = 0, 0
+    sizes: list[int] = []
+    cursor = chunk_elems  # no open chunk yet
     for index, (name, numel) in enumerate(named_sizes):
         if numel > chunk_elems:
-            raise ConfigError(f"parameter {name} has {numel} elements, more than a chunk ({chunk_elems})")
+            if not oversize:
+                raise ConfigError(f"parameter {name} has {numel} elements, more than a chunk ({chunk_elems})")
+            sizes.append(_round_up(numel, align))
+            slots.append(Slot(index=index, name=name, chunk=len(sizes) - 1, offset=0, numel=numel))
+            cursor = chunk_elems  # the oversized chunk is full: the next parameter opens a new one
+            continue
         start = _round_up(cursor, align)
-        if start + numel > chunk_elems:
-            chunk, start = chunk + 1, 0
-        slots.append(Slot(index=index, name=name, chunk=chunk, offset=start, numel=numel))
+        if not sizes or start + numel > sizes[-1]:
+            sizes.append(chunk_elems)
+            start = 0
+        slots.append(Slot(index=index, name=name, chunk=len(sizes) - 1, offset=start, numel=numel))
         cursor = start + numel
-    n_chunks = chunk + 1 if slots else 0
-    return Layout(chunk_elems=chunk_elems, slots=tuple(slots), n_chunks=n_chunks)
+    uniform = all(size == chunk_elems for size in sizes)
+    return Layout(chunk_elems=chunk_elems, slots=tuple(slots), n_chunks=len(sizes),
+                  sizes=() if uniform else tuple(sizes))
 
 
 def choose_chunk_elems(
-    named_sizes: list[tuple[str, int]], *, candidates: list[int] | None = None, align: int = 64
+    named_sizes: list[tuple[str, int]], *, candidates: list[int] | None = None, align: int = 64,
+    max_elems: int | None = None,
 ) -> int:
     """The candidate chunk size with the least waste (ties: the smallest).
 
     Default candidates: 65 evenly spaced sizes from the largest parameter to twice that, each
-    a multiple of `align`; a chunk must hold the largest parameter.
+    a multiple of `align`; a chunk must hold the largest parameter. With `max_elems` (a cap
+    derived from the device budget), parameters above the cap are left to chunks of their own
+    (`plan_layout(..., oversize=True)`), the candidates run from the largest parameter under the
+    cap up to the cap, and waste is counted with the oversized chunks.
     """
     if not named_sizes:
         raise ConfigError("a model without parameters cannot be chunked")
-    largest = max(numel for _, numel in named_sizes)
+    if max_elems is not None and max_elems <= 0:
+        raise ConfigError("max_elems must be positive")
+    numels = [numel for _, numel in named_sizes]
+    oversize = max_elems is not None and max(numels) > max_elems
+    largest = max(n for n in numels if n <= max_elems) if oversize and min(numels) <= max_elems else max(numels)
     if candidates is None:
         base = _round_up(largest, align)
-        step = max(align, _round_up(base // 64, align))
-        candidates = [base + k * step for k in range(65)]
+        span = base if not oversize else max(max_elems - base, 0)
+        step = max(align, _round_up(span // 64, align))
+        candidates = [base + k * step for k in range(65) if not oversize or base + k * step <= max(base, max_elems)]
     fitting = [c for c in candidates if c >= largest]
     if not fitting:
         raise ConfigError(f"no candidate chunk size holds the largest parameter ({largest} elements)")
-    return min(fitting, key=lambda c: (plan_layout(named_sizes, c, align=align).waste_elems, c))
+    return min(fitting, key=lambda c: (plan_layout(named_sizes, c, align=align, oversize=oversize).waste_elems, c))
+
+
+def max_chunk_elems(budget_bytes: int, *, bytes_per_elem: int, floor: int = 1 << 20) -> int:
+    """A chunk size cap for a device budget: one element of every chunk the device may hold at
+    once (`bytes_per_elem`: param chunks in use and prefetched, grad chunks filling and draining)
+    may cost at most 1/8 of the budget, so the working set stays a few chunks, not a few GB.
+    Never below `floor` elements (smaller chunks cost more per-chunk work than they save)."""
+    return max(floor, budget_bytes // (8 * bytes_per_elem))
 
 
 def _round_up(value: int, multiple: int) -> int:

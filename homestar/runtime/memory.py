@@ -123,6 +123,18 @@ class DeviceSpace(MemorySpace):
         """Device bytes in use that are not chunks (activations, workspace)."""
         return 0
 
+    def nonmodel_peak(self) -> int:
+        """Highest non-model bytes since the last `open_window` (at least those in use now):
+        what a moment charges for the time since the previous one."""
+        return self.nonmodel_bytes()
+
+    def open_window(self) -> None:
+        """Start a new window for `nonmodel_peak`, after the runtime's own allocations."""
+
+    def allocator_peak(self) -> int:
+        """Highest memory the device allocator held (0 when it does not say)."""
+        return 0
+
     def synchronize(self) -> None:
         """Wait for all queued device work (used at close and for state export)."""
 
@@ -134,11 +146,37 @@ class SimulatedDevice(DeviceSpace):
     """A device memory space simulated in CPU memory: budgets and copies are real, speed is not.
 
     Only chunks are charged here (activations live in ordinary CPU memory), so the accounted bytes
-    are exactly the resident chunks.
+    are exactly the resident chunks, plus what `simulate_nonmodel` says non-model memory is (tests
+    play activations rising and falling between moments with it).
     """
 
     def __init__(self, budget: int | None) -> None:
         super().__init__(torch.device("cpu"), budget)
+        self.simulated = 0
+        self._window_peak = 0
+        self.overrun = 0
+        """Largest excess of chunks plus simulated non-model bytes over the budget seen."""
+
+    def simulate_nonmodel(self, nbytes: int) -> None:
+        """Pretend `nbytes` of non-model memory are in use from now on."""
+        self.simulated = nbytes
+        self._window_peak = max(self._window_peak, nbytes)
+        if self.budget is not None:
+            self.overrun = max(self.overrun, self.used + nbytes - self.budget)
+
+    def _charge(self, nbytes: int) -> None:
+        super()._charge(nbytes)
+        if self.budget is not None:
+            self.overrun = max(self.overrun, self.used + self.simulated - self.budget)
+
+    def nonmodel_bytes(self) -> int:
+        return self.simulated
+
+    def nonmodel_peak(self) -> int:
+        return max(self._window_peak, self.simulated)
+
+    def open_window(self) -> None:
+        self._window_peak = self.simulated
 
     def fetch(self, src: torch.Tensor | None, numel: int, dtype: torch.dtype, after: Any) -> tuple[torch.Tensor, Any]:
         dev = self.alloc(numel, dtype, zero=src is None)

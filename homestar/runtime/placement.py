@@ -27,7 +27,7 @@ class Placement:
 
     def __init__(
         self, chunks: list[Chunk], device: DeviceSpace, host: HostMemory, tracer: Tracer, *,
-        prefetch_depth: int, headroom: float = 0.0,
+        prefetch_depth: int, headroom: float = 0.0, estimate: int = 0,
     ) -> None:
         self.chunks = chunks
         self.device = device
@@ -35,6 +35,8 @@ class Placement:
         self.tracer = tracer
         self.prefetch_depth = prefetch_depth
         self.headroom = headroom
+        self.estimate = estimate
+        """Non-model bytes to expect before a trace measured them (the config's estimate)."""
         self._by_ptr: dict[int, Chunk] = {}
         self._cached: dict[int, Chunk] = {}
         """Host-homed chunks with a device copy: the only eviction candidates."""
@@ -45,12 +47,18 @@ class Placement:
     # -- compute access -------------------------------------------------------------------
     def acquire(self, chunk: Chunk, indices: Iterable[int]) -> torch.Tensor:
         """Bring `chunk` to the device, mark the given slots COMPUTE, prefetch; device tensor."""
-        nonmodel = self.device.nonmodel_bytes()  # one sample per access
-        self.tracer.access(chunk.id, nonmodel)
+        sampling = self.tracer.sampling
+        # the peak since the previous moment (CUDA: one allocator query); replays past the
+        # sampled ones take the trace's figure instead of paying for the query
+        sample = self.device.nonmodel_peak() if sampling else None
+        self.tracer.access(chunk.id, sample)
+        nonmodel = self.tracer.expected() if sample is None else sample
         chunk.last_access = self.tracer.clock
         resident, empty = chunk.resident, chunk.is_empty()
         for index in indices:
             chunk.move(index, Move.ACQUIRE)  # first: in use, it cannot be chosen as a victim
+        if self.tracer.recording:
+            self._evict_kind(chunk)  # warm-up: the coming peaks are unknown, keep the cache lean
         # also when resident: activations may have grown into the chunks' share of the budget
         self._make_room(0 if resident else chunk.nbytes, nonmodel)
         if not resident:
@@ -60,6 +68,8 @@ class Placement:
             chunk.ready = None
         self.peak_device = max(self.peak_device, self.device.used + nonmodel)
         self.prefetch(nonmodel)
+        if sampling:
+            self.device.open_window()  # after this moment's own allocations
         return chunk.device
 
     def release(self, chunk: Chunk, indices: Iterable[int], move: Move, *, wrote: bool = False) -> None:
@@ -68,6 +78,15 @@ class Placement:
             chunk.move(index, move)
         if wrote and chunk.home == "host" and chunk.resident:
             chunk.device_dirty = True
+
+    def begin_work(self) -> None:
+        """A run of work starts: its first moment measures from here."""
+        if self.tracer.sampling:
+            self.device.open_window()
+
+    def tail_sample(self) -> int | None:
+        """Non-model peak since the last moment (None when the run is not sampling)."""
+        return self.device.nonmodel_peak() if self.tracer.sampling else None
 
     def move(self, chunk: Chunk, index: int, move: Move) -> None:
         """A state move of one slot outside acquire/release (reset, fill, clear)."""
@@ -231,6 +250,13 @@ class Placement:
         for victim in victims:
             self._evict(victim)
 
+    def _evict_kind(self, keep: Chunk) -> None:
+        """Evict every held host-homed chunk of `keep`'s kind but `keep`: while a trace is
+        recorded the device holds only the working set (param chunks in use, one grad chunk)."""
+        for chunk in self._candidates():
+            if chunk.kind is keep.kind and chunk is not keep:
+                self._evict(chunk)
+
     def _evict(self, chunk: Chunk) -> None:
         if chunk.device_dirty and not chunk.is_empty():
             chunk.event = self.device.write_back(chunk.device, chunk.host, chunk.event)  # async D2H
@@ -253,10 +279,12 @@ class Placement:
 
     def _reserve(self, nonmodel: int | None = None) -> int:
         """Device bytes to leave for non-model memory now: the trace's forecast for the coming
-        moments (or, untraced, what is in use now), plus the configured headroom."""
+        moments; untraced, the highest of what is in use now, the run's peak so far and (while
+        a trace is recorded) the configured estimate; plus the configured headroom."""
         measured = self.tracer.reserve()
         if measured is None:
-            measured = self.device.nonmodel_bytes() if nonmodel is None else nonmodel
+            now = self.device.nonmodel_bytes() if nonmodel is None else nonmodel
+            measured = max(now, self.tracer.run_peak, self.estimate if self.tracer.recording else 0)
         return int(measured * (1.0 + self.headroom))
 
     def _room(self, nonmodel: int | None = None) -> float:

@@ -1,10 +1,14 @@
 """Warm-up traces: the order chunks are used in, and the non-model memory at each moment.
 
 The first run of a kind of work (train micro-batch of a shape, eval of a shape, optimizer step)
-records every chunk access ("moment") and the device's non-model bytes at it. Later runs of the
-same work replay the trace: eviction asks how far away a chunk's next use is, prefetch asks
-which chunks come next, the budget asks how much non-model memory is coming. Work of a new
-shape records a new trace; a run that strays from its trace drops it and is recorded again.
+records every chunk access ("moment") and the device's non-model bytes at it: the highest
+figure since the previous moment (the device space keeps the peak of each window, so transient
+peaks between moments, like the logits' backward, are in the trace), and after the last moment
+the tail of the run. Later runs of the same work replay the trace: eviction asks how far away a
+chunk's next use is, prefetch asks which chunks come next, the budget asks how much non-model
+memory is coming. The first `SAMPLED_REPLAYS` replays still sample (raising a figure that came
+out higher); after that sampling stops, as it costs an allocator query per moment. Work of a
+new shape records a new trace; a run that strays from its trace drops it and is recorded again.
 Knows nothing of memory spaces, chunks' contents or models.
 """
 
@@ -15,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Hashable
 
 INF = float("inf")
+SAMPLED_REPLAYS = 2
+"""Replays of a trace that still sample non-model memory (to catch a figure above the first)."""
 
 
 @dataclass(slots=True)
@@ -25,6 +31,9 @@ class Trace:
     ids: list[int] = field(default_factory=list)
     nonmodel: list[int] = field(default_factory=list)
     uses: dict[int, list[int]] = field(default_factory=dict)
+    tail: int = 0
+    """Highest non-model bytes after the last moment, until the run ended."""
+    replays: int = 0
     _ahead: dict[tuple[int, int], list[int]] = field(default_factory=dict)
 
     def add(self, chunk_id: int, nonmodel: int) -> None:
@@ -55,7 +64,7 @@ class Trace:
 
     @property
     def peak_nonmodel(self) -> int:
-        return max(self.nonmodel, default=0)
+        return max(max(self.nonmodel, default=0), self.tail)
 
 
 class Tracer:
@@ -70,19 +79,30 @@ class Tracer:
         self.pos = 0
         self.clock = 0
         """Accesses ever made; the LRU fallback orders chunks by it."""
+        self.run_peak = 0
+        """Highest non-model bytes sampled in the current run."""
 
     def begin(self, key: Hashable | None) -> None:
         """Start a run of work `key` (None: untraced work such as a direct model call)."""
-        self.pos = 0
+        self.pos, self.run_peak = 0, 0
         if key is None:
             self.current, self.recording = None, False
         elif key in self.traces:
             self.current, self.recording = self.traces[key], False
+            self.current.replays += 1
         else:
             self.current, self.recording = Trace(key=key), True
 
-    def end(self) -> Trace | None:
-        """Finish the run; returns the trace if this run recorded a new one."""
+    @property
+    def sampling(self) -> bool:
+        """True while moments should measure non-model memory (see the module docstring)."""
+        return self.current is None or self.recording or self.current.replays <= SAMPLED_REPLAYS
+
+    def end(self, tail: int | None = None) -> Trace | None:
+        """Finish the run (`tail`: non-model peak after the last moment); returns the trace if
+        this run recorded a new one."""
+        if self.current is not None and tail is not None:
+            self.current.tail = max(self.current.tail, tail)
         new = self.current if self.recording else None
         if new is not None:
             self.traces[new.key] = new
@@ -93,14 +113,16 @@ class Tracer:
         """Drop a run that failed half-way without keeping its partial trace."""
         self.current, self.recording, self.pos = None, False, 0
 
-    def access(self, chunk_id: int, nonmodel: int) -> None:
-        """Note that a chunk is being used now."""
+    def access(self, chunk_id: int, nonmodel: int | None) -> None:
+        """Note that a chunk is being used now (`nonmodel`: the sample, None when not sampling)."""
         self.clock += 1
+        if nonmodel is not None and nonmodel > self.run_peak:
+            self.run_peak = nonmodel
         trace = self.current
         if trace is None:
             return
         if self.recording:
-            trace.add(chunk_id, nonmodel)
+            trace.add(chunk_id, nonmodel or 0)
             self.pos = len(trace.ids)
             return
         at = trace.next_use(chunk_id, self.pos)
@@ -108,8 +130,15 @@ class Tracer:
             self.traces.pop(trace.key, None)
             self.current = None
             return
-        trace.nonmodel[at] = max(trace.nonmodel[at], nonmodel)
+        if nonmodel is not None and nonmodel > trace.nonmodel[at]:
+            trace.nonmodel[at] = nonmodel
         self.pos = at + 1
+
+    def expected(self) -> int:
+        """The non-model bytes the trace recorded for the moment just replayed (0 untraced)."""
+        if not self.replaying or self.pos == 0:
+            return 0
+        return self.current.nonmodel[self.pos - 1]
 
     @property
     def replaying(self) -> bool:
@@ -132,5 +161,6 @@ class Tracer:
         """Non-model bytes the coming moments need (None when no trace is replayed)."""
         if not self.replaying:
             return None
-        ahead = self.current.nonmodel[max(self.pos - 1, 0) : self.pos + self.window]
-        return max(ahead, default=0)
+        trace = self.current
+        ahead = max(trace.nonmodel[max(self.pos - 1, 0) : self.pos + self.window], default=0)
+        return max(ahead, trace.tail) if self.pos + self.window >= len(trace.ids) else ahead

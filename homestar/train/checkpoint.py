@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from homestar.errors import CheckpointError
+from homestar.train import faults
 
 from homestar.train.run_files import checkpoint_name, list_checkpoints  # noqa: F401  (re-exported)
 
@@ -44,10 +45,13 @@ def save_checkpoint(run_dir: Path, step: int, engine_state: dict, trainer_state:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"could not save checkpoint {step} in {root}: {getattr(exc, 'strerror', None) or exc}") from None
     final = root / checkpoint_name(step)
+    old = root / f".old-{checkpoint_name(step)}-{os.getpid()}"
     if final.exists():  # re-saving the same step (e.g. save-now right after a periodic save)
-        shutil.rmtree(final)
+        os.replace(final, old)  # renamed, not deleted, until the new one is in place
     os.replace(tmp, final)
     _fsync_dir(root)
+    faults.reach("checkpoint-commit")
+    shutil.rmtree(old, ignore_errors=True)
     _prune(root, keep)
     return final
 
@@ -69,11 +73,15 @@ def _write(tmp: Path, step: int, engine_state: dict, trainer_state: dict) -> Non
     moments = {f"exp_avg/{n}": t for n, t in optimizer.pop("exp_avg").items()}
     moments.update({f"exp_avg_sq/{n}": t for n, t in optimizer.pop("exp_avg_sq").items()})
     save_file(_contiguous(engine_state["weights"]), tmp / "model.safetensors")
+    faults.reach("checkpoint-file")
     save_file(_contiguous(moments), tmp / "optimizer.safetensors")
+    faults.reach("checkpoint-file")
     rng_tensors, rng_json = _rng_state()
     save_file(rng_tensors, tmp / "rng.safetensors")
+    faults.reach("checkpoint-file")
     state = {"format": FORMAT, "step": step, "optimizer": optimizer, "rng": rng_json, **trainer_state}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    faults.reach("checkpoint-file")
     files = ["model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"]
     manifest = {"format": FORMAT, "step": step, "files": {f: _describe(tmp / f) for f in files}}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -176,7 +184,7 @@ def _prune(root: Path, keep: int) -> None:
     done = list_checkpoints(root.parent)
     for old in done[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp-*"):
+    for stale in [*root.glob(".tmp-*"), *root.glob(".old-*")]:  # left by killed saves
         if not stale.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(stale, ignore_errors=True)
 

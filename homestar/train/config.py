@@ -33,6 +33,10 @@ class RunConfig:
     """Total optimizer steps this run trains to (resume --steps may raise it)."""
     micro_batch: int
     accum: int
+    data_micro_batch: int | None = None
+    """Sequences per draw from the token stream, fixed when the run starts (None: micro_batch).
+    An out-of-memory recovery splits micro-batches but keeps drawing these, so the data order
+    and the maths of every step stay those of the run's start."""
     seed: int
     save_every: int
     """Checkpoint every N steps (0: only when the run stops)."""
@@ -69,6 +73,10 @@ class RunConfig:
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be a positive whole number, got {getattr(self, name)!r}")
+        if self.data_micro_batch is not None and (not isinstance(self.data_micro_batch, int) or self.data_micro_batch < 1
+                                                  or self.data_micro_batch % self.micro_batch):
+            raise ConfigError(f"data-micro-batch must be a whole multiple of micro-batch ({self.micro_batch}), "
+                              f"got {self.data_micro_batch!r}")
         for name in ("save_every", "eval_every", "sample_every", "warmup_steps", "seed"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be zero or a positive whole number")
@@ -90,6 +98,11 @@ class RunConfig:
     @property
     def seq_len(self) -> int:
         return int(self.model["seq_len"])
+
+    @property
+    def draw_batch(self) -> int:
+        """Sequences per token-stream draw (see data_micro_batch)."""
+        return self.data_micro_batch or self.micro_batch
 
     @property
     def tokens_per_step(self) -> int:

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar, TextIO
 
+from homestar.train import faults
+
 
 @dataclass(kw_only=True, slots=True)
 class Event:
@@ -114,10 +116,17 @@ class JsonlSink:
         self._file = open(path, "a", encoding="utf-8")
 
     def __call__(self, event: Event) -> None:
-        self._file.write(json.dumps(event.record(), separators=(",", ":")) + "\n")
+        line = json.dumps(event.record(), separators=(",", ":")) + "\n"
+        faults.reach("event", lambda: self._cut(line))
+        self._file.write(line)
         self._file.flush()
         if isinstance(event, (Checkpoint, End)):
             os.fsync(self._file.fileno())  # the log must not lag the checkpoint it names
+
+    def _cut(self, line: str) -> None:
+        """Half a line on disk: what a crash mid-write leaves (fault injection only)."""
+        self._file.write(line[: len(line) // 2])
+        self._file.flush()
 
     def close(self) -> None:
         self._file.close()

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from homestar.errors import HomestarError
+from homestar.paths import home, runs_dir
 from homestar.train.run_files import checkpoint_step, list_checkpoints
 from homestar.train.config import RunConfig
 from homestar.train.events import read_events
@@ -56,11 +57,35 @@ def read_run(path: Path) -> RunInfo:
 
 
 def list_runs(root: Path) -> list[RunInfo]:
-    """Every run folder under `root`, newest first."""
-    if not root.is_dir():
-        return []
-    runs = [read_run(p) for p in root.iterdir() if p.is_dir() and (p / "config.json").exists()]
+    """Every run folder under `root`, plus those started elsewhere with --run-dir (when `root`
+    is the default runs folder, which keeps that list), newest first."""
+    folders = [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+    if root == runs_dir():
+        folders += [p for p in _remembered() if p.parent != root]
+    runs = [read_run(p) for p in dict.fromkeys(folders) if (p / "config.json").exists()]
     return sorted(runs, key=lambda r: r.updated, reverse=True)
+
+
+def remember_run(run_dir: Path) -> None:
+    """Note a run folder outside the default runs folder so that `homestar runs` lists it too."""
+    run_dir = run_dir.resolve()
+    if run_dir.parent == runs_dir().resolve() or run_dir in _remembered():
+        return
+    _elsewhere_file().parent.mkdir(parents=True, exist_ok=True)
+    with open(_elsewhere_file(), "a", encoding="utf-8") as f:
+        f.write(f"{run_dir}\n")
+
+
+def _elsewhere_file() -> Path:
+    return home() / "runs-elsewhere.txt"
+
+
+def _remembered() -> list[Path]:
+    try:
+        lines = _elsewhere_file().read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return []
+    return [Path(line) for line in lines if line.strip()]
 
 
 def _mtime(path: Path) -> float:

@@ -17,6 +17,7 @@ from homestar.train.build import build_engine, build_model, load_run_data, RunDa
 from homestar.train.checkpoint import load_latest, restore_rng
 from homestar.train.config import RunConfig
 from homestar.train.lock import RunLock
+from homestar.train.runs import remember_run
 from homestar.train.trainer import Progress, Trainer
 
 DEFAULT_DECAY_STEPS = 5000
@@ -121,7 +122,7 @@ def _new_run_dir(request: TrainRequest, preset: str) -> Path:
 
     if request.run_dir:
         path = Path(request.run_dir).expanduser()
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if path.exists() and (not path.is_dir() or not _fresh_or_unstarted(path)):
             raise ConfigError(f"{path} already exists and is not empty; use `homestar resume {path}` to continue it")
         return path
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -131,6 +132,17 @@ def _new_run_dir(request: TrainRequest, preset: str) -> Path:
         n += 1
         path = runs_dir() / f"{preset}-{stamp}-{n}"
     return path
+
+
+_UNSTARTED = frozenset({".lock", "tokenizer.json", "config.json.tmp"})
+"""What a `train` killed before writing config.json can leave; such a folder may be started again."""
+
+
+def _fresh_or_unstarted(path: Path) -> bool:
+    from homestar.train.lock import is_locked
+
+    names = {p.name for p in path.iterdir()}
+    return names <= _UNSTARTED and not is_locked(path)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -186,6 +198,7 @@ def start_run(request: TrainRequest, sinks: list) -> Session:
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunLock(run_dir).acquire()
     config.save(run_dir)
+    remember_run(run_dir)
     tokenizer.save(str(run_dir / "tokenizer.json"))
     data = RunData(tokenizer=tokenizer, train=tokens.train, val=tokens.val)
     return _session(config, run_dir, engine, model, data, sinks, lock, Progress(), resumed=False)

@@ -61,6 +61,10 @@ class TorchEngine:
         self.optimizer.zero_grad(set_to_none=True)
         return StepReport(grad_norm=float(norm), skipped=skipped)
 
+    def zero_grad(self) -> None:
+        """Forget accumulated grads (a failed step's); the next backward starts from none."""
+        self.optimizer.zero_grad(set_to_none=True)
+
     @torch.no_grad()
     def eval_loss(self, idx, targets):
         self.model.eval()

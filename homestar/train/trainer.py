@@ -17,10 +17,12 @@ import psutil
 import torch
 
 from homestar.train import events as ev
+from homestar.train import faults
 from homestar.errors import CheckpointError
 from homestar.train.checkpoint import save_checkpoint
 from homestar.train.config import RunConfig
 from homestar.train.control import Control
+from homestar.train.recovery import discard_grads, free_cached_memory, is_out_of_memory, smaller_micro_batch
 from homestar.train.sampling import sample_text
 from homestar.train.schedule import Schedule
 
@@ -48,7 +50,7 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self.schedule = Schedule(lr=config.lr, min_lr=config.min_lr, warmup_steps=config.warmup_steps,
                                  decay_steps=config.decay_steps)
-        self.stream = TokenStream(data.train, seq_len=config.seq_len, micro_batch=config.micro_batch,
+        self.stream = TokenStream(data.train, seq_len=config.seq_len, micro_batch=config.draw_batch,
                                   seed=config.seed)
         if self.progress.data:
             self.stream.load_state_dict(self.progress.data)
@@ -56,6 +58,7 @@ class Trainer:
         self._last_chunks = -math.inf
         self._last_saved = self.progress.step
         self._process = psutil.Process()
+        faults.arm_from_env()
 
     # -- events -------------------------------------------------------------------------------
     def emit(self, event: ev.Event) -> None:
@@ -102,12 +105,12 @@ class Trainer:
     def train_step(self) -> None:
         cfg, step = self.config, self.progress.step
         t0 = time.perf_counter()
-        losses = []
-        for _ in range(cfg.accum):
-            x, y = self.stream.next_batch()
-            losses.append(self.engine.forward_backward(x, y, cfg.accum))
+        first = self.stream.batches
+        losses = self._recovering(lambda: self._accumulate(first, step + 1))
+        self.stream.batches = first + cfg.micro_batch * cfg.accum // cfg.draw_batch
         lr = self.schedule(step)
         report = self.engine.step(lr)
+        faults.reach("step")
         loss = float(torch.stack(losses).float().mean())  # note: CPU-GPU sync, once per optimizer step
         elapsed = time.perf_counter() - t0
         self.progress.step = step + 1
@@ -119,6 +122,48 @@ class Trainer:
                           tok_s=tok_s, tflops=tok_s * self.flops_per_token / 1e12, gpu_mem=memory["gpu_mem"],
                           cpu_mem=float(self._process.memory_info().rss), grad_norm=report.grad_norm,
                           skipped=report.skipped, step_s=elapsed, timings=report.timings))
+
+    def _accumulate(self, first_draw: int, step_number: int) -> list[torch.Tensor]:
+        """Forward/backward over one step's sequences: draws first_draw... of draw_batch
+        sequences each, every draw cut into micro-batches (views, no copy). The draws, not the
+        micro-batches, fix which sequences a step sees, so a smaller micro-batch sees the same."""
+        cfg = self.config
+        losses = []
+        for k in range(first_draw, first_draw + cfg.micro_batch * cfg.accum // cfg.draw_batch):
+            x, y = self.stream.batch_at(k)
+            for xs, ys in zip(x.split(cfg.micro_batch), y.split(cfg.micro_batch)):
+                losses.append(self.engine.forward_backward(xs, ys, cfg.accum))
+                faults.reach("micro-batch")
+        faults.maybe_oom(step_number)
+        return losses
+
+    def _recovering(self, work: Callable):
+        """Run `work`; on running out of GPU or pinned memory, shrink the micro-batch and redo it.
+        Gives up (re-raises) when the micro-batch is already 1."""
+        while True:
+            try:
+                return work()
+            except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
+                if not is_out_of_memory(exc) or smaller_micro_batch(self.config.micro_batch) is None:
+                    raise
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            # Outside the except block: the traceback, and the activations its frames held, are gone.
+            self._shrink_micro_batch(reason)
+
+    def _shrink_micro_batch(self, reason: str) -> None:
+        """Discard the failed work's grads, free caches, split micro-batches (same global batch),
+        record the new shape in config.json and tell the user."""
+        cfg = self.config
+        old_micro, old_accum = cfg.micro_batch, cfg.accum
+        new_micro = smaller_micro_batch(old_micro)
+        discard_grads(self.engine)
+        free_cached_memory(cfg.device)
+        cfg.data_micro_batch = cfg.draw_batch
+        cfg.micro_batch, cfg.accum = new_micro, old_accum * (old_micro // new_micro)
+        cfg.save(self.run_dir)
+        self.emit(ev.Status(time=self._now(), step=self.progress.step, state="oom-recovered",
+                            message=f"out of memory ({reason}); micro-batch {old_micro} -> {new_micro}, "
+                                    f"accumulation {old_accum} -> {cfg.accum} (same global batch), step redone"))
 
     def _after_step(self) -> None:
         cfg, step = self.config, self.progress.step
@@ -136,15 +181,23 @@ class Trainer:
         from homestar.data import TokenStream
 
         cfg = self.config
-        stream = TokenStream(self.data.val, seq_len=cfg.seq_len, micro_batch=cfg.micro_batch, seed=cfg.seed + 1,
+        stream = TokenStream(self.data.val, seq_len=cfg.seq_len, micro_batch=cfg.draw_batch, seed=cfg.seed + 1,
                              split="validation")
-        total = torch.zeros(())
-        for _ in range(cfg.eval_batches):
-            x, y = stream.next_batch()
-            total += self.engine.eval_loss(x, y).float().cpu()  # note: sync per eval batch
+        total = self._recovering(lambda: self._eval_total(stream, stream.batches))
         loss = float(total) / cfg.eval_batches
         self.emit(ev.Eval(time=self._now(), step=self.progress.step, loss=loss))
         return loss
+
+    def _eval_total(self, stream, first: int) -> torch.Tensor:
+        """Sum over the eval draws of each draw's mean loss (micro-batch pieces averaged)."""
+        cfg, total = self.config, torch.zeros(())
+        for k in range(first, first + cfg.eval_batches):
+            x, y = stream.batch_at(k)
+            # note: sync per eval micro-batch (.cpu())
+            pieces = [self.engine.eval_loss(xs, ys).float().cpu()
+                      for xs, ys in zip(x.split(cfg.micro_batch), y.split(cfg.micro_batch))]
+            total += pieces[0] if len(pieces) == 1 else torch.stack(pieces).mean()
+        return total
 
     def sample(self) -> None:
         prompt_ids = [int(t) for t in self.data.val[:8]]

@@ -1,0 +1,59 @@
+"""Out-of-memory recovery: recognise the error, throw away the failed step, pick a smaller micro-batch.
+
+The trainer calls these when a step's forward/backward runs out of GPU memory (or of pinned host
+memory): the partial step's gradients are discarded, cached device memory is handed back, and the
+step is redone with micro-batches split into smaller pieces and more accumulation, so the global
+batch and therefore the run's maths stay the same. Knows the Engine protocol, not how an engine
+places memory.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+
+# Messages torch raises as a plain RuntimeError when an allocation fails: a failed pinned
+# (page-locked) host allocation, and the CPU allocator running out.
+_ALLOCATION_FAILURES = ("cudaHostAlloc", "pinned memory", "pin memory", "CUDA out of memory",
+                        "CUDA error: out of memory", "can't allocate memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for torch.OutOfMemoryError and for RuntimeErrors of failed pinned/host allocations."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _ALLOCATION_FAILURES)
+
+
+def smaller_micro_batch(micro_batch: int) -> int | None:
+    """The largest proper divisor of `micro_batch` (half of an even one), or None at 1.
+
+    A divisor keeps micro_batch * accum whole: each old micro-batch becomes equal pieces."""
+    for pieces in range(2, micro_batch + 1):
+        if micro_batch % pieces == 0:
+            return micro_batch // pieces
+    return None
+
+
+def discard_grads(engine) -> None:
+    """Drop whatever gradients the failed step accumulated, so the redo starts from zero.
+
+    Engines with `zero_grad()` (TorchEngine) use it; the chunk runtime's engine has no public
+    method yet, so its optimizer's end-of-step reset is called (clears every grad chunk and the
+    "has a grad" marks, exactly what a finished step leaves)."""
+    if hasattr(engine, "zero_grad"):
+        engine.zero_grad()
+        return
+    adamw = getattr(engine, "adamw", None)
+    if adamw is None or not hasattr(adamw, "_finish"):
+        raise RuntimeError(f"{type(engine).__name__} cannot discard a failed step's gradients")
+    adamw._finish({})
+
+
+def free_cached_memory(device: str) -> None:
+    """Collect garbage (the failed step's activations) and return cached blocks to the driver.
+    Cost: a full gc pass and, on CUDA, a device synchronisation inside empty_cache."""
+    gc.collect()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
