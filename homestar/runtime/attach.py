@@ -50,8 +50,7 @@ def attach(
     named = _unique_parameters(model)
     device = _device_space(config)
     host = HostMemory(config.cpu_budget_bytes, pin=config.device == "cuda")
-    layout = _layout(named, config, device.budget)
-    group_bytes = _group_bytes(layout, config)
+    layout, group_bytes = plan_chunks([(name, p.numel()) for name, p in named], config, device.budget)
     homes = plan_homes(
         group_bytes, gpu_cap=_cap(device.budget), cpu_cap=_cap(host.budget),
         nonmodel=config.nonmodel_estimate_bytes or 0, policy=config.optimizer_placement, fill=False,
@@ -97,15 +96,18 @@ def _device_space(config: RuntimeConfig) -> DeviceSpace:
     return CudaDevice(config.gpu_budget_bytes)
 
 
-def _layout(named, config: RuntimeConfig, budget: int | None) -> Layout:
-    """The configured chunk size, or the least-waste size under a cap derived from the device
-    budget (a parameter above the cap, such as a large embedding, gets a chunk of its own)."""
-    sizes = [(name, p.numel()) for name, p in named]
+def plan_chunks(sizes: list[tuple[str, int]], config: RuntimeConfig, budget: int | None) -> tuple[Layout, list[GroupBytes]]:
+    """The layout attach uses for (name, numel) pairs under a device budget, and each chunk
+    group's bytes; allocates nothing. The configured chunk size, or the least-waste size under a
+    cap derived from the budget (a parameter above the cap, such as a large embedding, gets a
+    chunk of its own)."""
     if config.chunk_elems is not None:
-        return plan_layout(sizes, config.chunk_elems, align=config.align_elems, oversize=True)
-    cap = None if budget is None else max_chunk_elems(budget, bytes_per_elem=working_set_bytes_per_elem(config))
-    chunk_elems = choose_chunk_elems(sizes, align=config.align_elems, max_elems=cap)
-    return plan_layout(sizes, chunk_elems, align=config.align_elems, oversize=True)
+        chunk_elems = config.chunk_elems
+    else:
+        cap = None if budget is None else max_chunk_elems(budget, bytes_per_elem=working_set_bytes_per_elem(config))
+        chunk_elems = choose_chunk_elems(sizes, align=config.align_elems, max_elems=cap)
+    layout = plan_layout(sizes, chunk_elems, align=config.align_elems, oversize=True)
+    return layout, _group_bytes(layout, config)
 
 
 def working_set_bytes_per_elem(config: RuntimeConfig) -> int:

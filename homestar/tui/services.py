@@ -49,7 +49,7 @@ class Services:
     """homestar arguments -> the full argv of the trainer process."""
     env: dict[str, str] | None = None
     """Environment of the trainer process (None: the app's own)."""
-    trainer_nice: int = 5
+    trainer_nice: int = 10
     """CPU priority of the trainer below the app's, so keys are answered at once on a busy machine.
     Costs the trainer nothing unless something else wants the CPU (the GPU work is unaffected)."""
     clock: Callable[[], float] = time.time
