@@ -36,8 +36,9 @@ def _child(argv: list[str], kill_at: str | None) -> None:
     os.environ.pop(KILL_ENV, None)
     if kill_at:
         os.environ[KILL_ENV] = kill_at
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
+    import sys
+
+    sys.stdout = open(os.devnull, "w")
     from homestar.cli import main
 
     os._exit(main(argv))

@@ -62,12 +62,13 @@ def plan_homes(
 
 
 def working_set(groups: list[GroupBytes], home: list[bool]) -> int:
-    """Least device memory streamed groups need: two param chunks (a module's params may
-    straddle two) and the grad chunk being accumulated into."""
+    """Least device memory streamed groups need: the two largest param chunks (a module's
+    params may straddle two) and the largest grad chunk (the one being accumulated into)."""
     streamed = [g for g, dev in zip(groups, home) if not dev]
     if not streamed:
         return 0
-    return 2 * max(g.param for g in streamed) + max(g.grad for g in streamed)
+    params = sorted((g.param for g in streamed), reverse=True)
+    return params[0] + (params[1] if len(params) > 1 else params[0]) + max(g.grad for g in streamed)
 
 
 def _explain(groups: list[GroupBytes], gpu_cap: float, cpu_cap: float, nonmodel: int) -> str:

@@ -81,7 +81,7 @@ def plan_layout(
                 raise ConfigError(f"parameter {name} has {numel} elements, more than a chunk ({chunk_elems})")
             sizes.append(_round_up(numel, align))
             slots.append(Slot(index=index, name=name, chunk=len(sizes) - 1, offset=0, numel=numel))
-            cursor = chunk_elems  # the oversized chunk is full: the next parameter opens a new one
+            cursor = sizes[-1]  # the oversized chunk is full: the next parameter opens a new one
             continue
         start = _round_up(cursor, align)
         if not sizes or start + numel > sizes[-1]:
