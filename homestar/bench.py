@@ -132,7 +132,9 @@ def _measure(request: BenchRequest) -> BenchResult:
         result.tflops = result.tok_s * config.flops_per_token() / 1e12
         result.breakdown = breakdown
         if device == "cuda":
-            result.gpu_peak_gib = torch.cuda.max_memory_reserved() / GIB
+            # the chunk runtime resets torch's peak counters as it traces, and keeps the true peak
+            stats = engine.stats() if hasattr(engine, "stats") else {}
+            result.gpu_peak_gib = max(torch.cuda.max_memory_reserved(), stats.get("allocator_peak_bytes", 0)) / GIB
         else:
             result.gpu_peak_gib = engine.memory().get("gpu_peak", engine.memory()["gpu_mem"]) / GIB
         engine.close()

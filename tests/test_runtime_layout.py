@@ -62,3 +62,31 @@ def test_a_parameter_larger_than_a_chunk_is_a_config_error():
         plan_layout([("big", 100)], 99)
     with pytest.raises(ConfigError):
         choose_chunk_elems([("big", 100)], candidates=[10, 50])
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=sizes_st, chunk=st.integers(min_value=64, max_value=3000))
+def test_oversized_parameters_get_chunks_of_their_own(sizes, chunk):
+    named = [(f"p{i}", n) for i, n in enumerate(sizes)]
+    layout = plan_layout(named, chunk, align=64, oversize=True)
+    ends: dict[int, int] = {}
+    for slot in layout.slots:
+        size = layout.chunk_numel(slot.chunk)
+        assert slot.offset + slot.numel <= size and slot.offset % 64 == 0
+        assert slot.offset >= ends.get(slot.chunk, 0)
+        ends[slot.chunk] = slot.offset + slot.numel
+        if slot.numel > chunk:  # alone, in a chunk sized to it
+            assert slot.offset == 0 and size == -(-slot.numel // 64) * 64
+            assert [s for s in layout.slots if s.chunk == slot.chunk] == [slot]
+        else:
+            assert size == chunk
+    assert layout.waste_elems == layout.total_elems - sum(sizes) >= 0
+
+
+def test_a_chunk_cap_leaves_the_largest_parameter_alone():
+    named = [("emb", 10_000)] + [(f"w{i}", 1_000) for i in range(20)]
+    chunk = choose_chunk_elems(named, max_elems=3_000)
+    assert 1_000 <= chunk <= 3_000
+    layout = plan_layout(named, chunk, oversize=True)
+    assert layout.chunk_numel(0) == 10_048 and layout.largest_chunk == 10_048
+    assert choose_chunk_elems(named, max_elems=50_000) == choose_chunk_elems(named)

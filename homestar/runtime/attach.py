@@ -104,7 +104,10 @@ def plan_chunks(sizes: list[tuple[str, int]], config: RuntimeConfig, budget: int
     if config.chunk_elems is not None:
         chunk_elems = config.chunk_elems
     else:
-        cap = None if budget is None else max_chunk_elems(budget, bytes_per_elem=working_set_bytes_per_elem(config))
+        # A small model's chunks need not reach the default floor: never below its largest parameter.
+        floor = min(1 << 20, max((n for _, n in sizes), default=1))
+        cap = None if budget is None else max_chunk_elems(budget, bytes_per_elem=working_set_bytes_per_elem(config),
+                                                         floor=floor)
         chunk_elems = choose_chunk_elems(sizes, align=config.align_elems, max_elems=cap)
     layout = plan_layout(sizes, chunk_elems, align=config.align_elems, oversize=True)
     return layout, _group_bytes(layout, config)

@@ -44,6 +44,8 @@ class ParamTable:
         self._by_param = {id(info.param): info for info in infos}
         poison = torch.full((1,), float("nan"), dtype=dtype, device=device)
         self._placeholders = [poison.expand(info.shape) for info in infos]
+        self._bound: dict[int, ParamInfo] = {}
+        """Parameters pointing into a chunk now (unbind_all touches only these)."""
 
     def __iter__(self):
         return iter(self.infos)
@@ -57,11 +59,17 @@ class ParamTable:
     def bind(self, info: ParamInfo, device_tensor: torch.Tensor) -> None:
         """Point the parameter at its slot in the param chunk's device copy."""
         info.param.data = info.group.param.view(device_tensor, info.slot, info.shape)
+        self._bound[info.index] = info
 
     def unbind(self, info: ParamInfo) -> None:
         """Point the parameter at the NaN placeholder (no memory, no stale alias)."""
         info.param.data = self._placeholders[info.index]
+        self._bound.pop(info.index, None)
+
+    def unbind_many(self, infos: list[ParamInfo]) -> None:
+        for info in infos:
+            self.unbind(info)
 
     def unbind_all(self) -> None:
-        for info in self.infos:
+        for info in list(self._bound.values()):
             self.unbind(info)

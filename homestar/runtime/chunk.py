@@ -17,7 +17,10 @@ from typing import Any
 import torch
 
 from homestar.runtime.layout import Slot
-from homestar.runtime.states import Move, StateError, TensorRecord, TensorState, transition
+from homestar.runtime.states import Move, StateError, TensorRecord, TensorState, transition, transition_many
+
+
+_AFTER_FWD, _AFTER_BWD = TensorState.HOLD_AFTER_FWD, TensorState.HOLD_AFTER_BWD
 
 
 class Kind(Enum):
@@ -77,6 +80,21 @@ class Chunk:
             raise StateError(f"{error} (slot {index} of {self.kind.value} chunk {self.id})") from None
         self.computing += (record.state is TensorState.COMPUTE) - was_compute
         self.filled += was_free - (record.state is TensorState.FREE)
+
+    def move_many(self, indices, move: Move) -> None:
+        """Move several slots' states at once (through `transition_many`)."""
+        try:
+            computing, freed = transition_many(self.records, indices, move)
+        except StateError as error:
+            raise StateError(f"{error} (of {self.kind.value} chunk {self.id})") from None
+        self.computing += computing
+        self.filled -= freed
+
+    def settle(self) -> None:
+        """End of an iteration: every slot held after forward or backward back to HOLD."""
+        after = [i for i, r in self.records.items() if r.state is _AFTER_FWD or r.state is _AFTER_BWD]
+        if after:
+            self.move_many(after, Move.RESET)
 
     @property
     def nbytes(self) -> int:

@@ -46,9 +46,10 @@ class RuntimeConfig:
     (BudgetError if it cannot fit)."""
     prefetch_depth: int = 2
     """How many upcoming chunk accesses (in trace order) may be fetched ahead of use."""
-    nonmodel_headroom: float = 0.15
-    """Fraction added to the measured non-model memory when budgeting the device: the trace
-    samples memory at chunk accesses, and transient peaks between them run higher."""
+    nonmodel_headroom: float = 0.0
+    """Fraction added to the measured non-model memory when budgeting the device. The trace
+    already holds the allocator's peak between moments and its unreleasable split blocks, so
+    the default adds nothing; raise it only for work whose memory varies between runs."""
     align_elems: int = 64
     """Every parameter starts at a multiple of this many elements inside its chunk."""
     loss_scale_init: float = 2.0**16

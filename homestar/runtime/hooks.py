@@ -27,9 +27,6 @@ from homestar.runtime.placement import Placement
 from homestar.runtime.states import Move, TensorState
 
 
-_SETTLED = (TensorState.HOLD, TensorState.FREE)
-
-
 class Phase(Enum):
     IDLE = "idle"
     FORWARD = "forward"
@@ -57,6 +54,8 @@ class RuntimeHooks:
         self._open: dict[nn.Module, list[list[ParamInfo]]] = {}
         """Per module, a stack (nested calls) of the parameters each running call acquired."""
         self._handles = []
+        self._settle = list({id(c): c for info in table for c in (info.group.param, info.group.grad)}.values())
+        """Chunks whose slots forward and backward leave in HOLD_AFTER_* (reset settles them)."""
         for module in model.modules():
             owned = self._owned(module)
             if owned:
@@ -84,31 +83,33 @@ class RuntimeHooks:
         by_chunk: dict[int, list[ParamInfo]] = {}
         for info in owned:
             by_chunk.setdefault(info.group.param.id, []).append(info)
-        batches = [(infos[0].group.param, infos) for infos in by_chunk.values()]
+        batches = [(infos[0].group.param, [info.index for info in infos], infos) for infos in by_chunk.values()]
 
         def pre_hook(module, args):
-            taken: list[ParamInfo] = []
+            taken: list = []
             self._open.setdefault(module, []).append(taken)  # what the post-hook releases
-            for chunk, infos in batches:  # one access per chunk, not per parameter
+            for chunk, indices, infos in batches:  # one access per chunk, not per parameter
                 if self.phase is Phase.BACKWARD:
                     for info in infos:
                         self._hold_for_backward(info)  # recompute: released when the grad arrives
                 else:
-                    self.placement.acquire(chunk, [info.index for info in infos])
-                    taken.extend(infos)
+                    self.placement.acquire(chunk, indices)
+                    taken.append((chunk, indices, infos))
+                device_tensor = chunk.device
                 for info in infos:
-                    self.table.bind(info, chunk.device)
+                    self.table.bind(info, device_tensor)
 
         return pre_hook
 
     def _make_post(self, owned: list[ParamInfo]):
         def post_hook(module, args, output):
             calls = self._open.get(module)
-            for info in calls.pop() if calls else ():
-                chunk = info.group.param
-                self.placement.release(chunk, [info.index], Move.RELEASE_FWD)
-                if chunk.records[info.index].state is not TensorState.COMPUTE:
-                    self.table.unbind(info)
+            for chunk, indices, infos in calls.pop() if calls else ():
+                self.placement.release(chunk, indices, Move.RELEASE_FWD)  # one batch per chunk
+                if chunk.computing == 0:
+                    self.table.unbind_many(infos)
+                else:  # a nested or backward use still holds some: unbind only the others
+                    self.table.unbind_many([i for i in infos if chunk.records[i.index].state is not TensorState.COMPUTE])
 
         return post_hook
 
@@ -162,7 +163,5 @@ class RuntimeHooks:
         self._backward_held.clear()
         self._open.clear()
         self.table.unbind_all()
-        for info in self.table:
-            for chunk in (info.group.param, info.group.grad):
-                if chunk.records[info.index].state not in _SETTLED:
-                    self.placement.move(chunk, info.index, Move.RESET)
+        for chunk in self._settle:
+            chunk.settle()  # one pass per chunk, not one state move per tensor

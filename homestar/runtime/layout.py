@@ -117,7 +117,8 @@ def choose_chunk_elems(
         base = _round_up(largest, align)
         span = base if not oversize else max(max_elems - base, 0)
         step = max(align, _round_up(span // 64, align))
-        candidates = [base + k * step for k in range(65) if not oversize or base + k * step <= max(base, max_elems)]
+        limit = None if max_elems is None else max(base, max_elems)  # the cap binds even with nothing oversized
+        candidates = [base + k * step for k in range(65) if limit is None or base + k * step <= limit]
     fitting = [c for c in candidates if c >= largest]
     if not fitting:
         raise ConfigError(f"no candidate chunk size holds the largest parameter ({largest} elements)")

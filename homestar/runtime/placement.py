@@ -4,7 +4,10 @@ The device is a cache over host-homed chunks plus the chunks homed on the device
 brings a chunk to the device (evicting held chunks, Belady on the trace), marks its tensors
 COMPUTE and prefetches what the trace says comes next; `release` ends the use. Host access
 (`host_tensor`) writes back a newer device copy first. Every state change goes through
-`states.transition`. The same code runs on the simulated device and on CUDA; only the
+`states.transition` (or its batch form, one call per chunk). While a trace is being recorded
+the coming non-model peaks are unknown, so the device keeps only the working set (released
+chunks of the kind being acquired are evicted) and reserves the configured estimate; each
+moment samples the non-model peak since the previous one. The same code runs on the simulated device and on CUDA; only the
 `DeviceSpace` differs. Knows nothing of modules, autograd or the optimizer's maths.
 """
 
@@ -55,8 +58,7 @@ class Placement:
         nonmodel = self.tracer.expected() if sample is None else sample
         chunk.last_access = self.tracer.clock
         resident, empty = chunk.resident, chunk.is_empty()
-        for index in indices:
-            chunk.move(index, Move.ACQUIRE)  # first: in use, it cannot be chosen as a victim
+        chunk.move_many(indices, Move.ACQUIRE)  # first: in use, it cannot be chosen as a victim
         if self.tracer.recording:
             self._evict_kind(chunk)  # warm-up: the coming peaks are unknown, keep the cache lean
         # also when resident: activations may have grown into the chunks' share of the budget
@@ -74,8 +76,7 @@ class Placement:
 
     def release(self, chunk: Chunk, indices: Iterable[int], move: Move, *, wrote: bool = False) -> None:
         """End a use of the given slots; `wrote` marks the device copy newer than the host's."""
-        for index in indices:
-            chunk.move(index, move)
+        chunk.move_many(indices, move)
         if wrote and chunk.home == "host" and chunk.resident:
             chunk.device_dirty = True
 
@@ -127,8 +128,7 @@ class Placement:
     def acquire_on_host(self, chunk: Chunk, indices: Iterable[int]) -> torch.Tensor:
         """Make the host buffer authoritative (device copy dropped) and mark slots COMPUTE."""
         host = self.host_tensor(chunk, drop_device=True)
-        for index in indices:
-            chunk.move(index, Move.ACQUIRE)
+        chunk.move_many(indices, Move.ACQUIRE)
         return host
 
     def writable(self, chunk: Chunk) -> torch.Tensor:
@@ -196,8 +196,7 @@ class Placement:
         """Discard the chunk's data (grads after a step): all slots FREE, zero on next use."""
         if chunk.in_use():
             raise StateError(f"illegal move clear for {chunk!r}: it is in use")
-        for index in chunk.records:
-            chunk.move(index, Move.CLEAR)
+        chunk.move_many(list(chunk.records), Move.CLEAR)
         if chunk.home == "device":
             chunk.device.zero_()  # device-homed chunks always hold valid data
         else:

@@ -67,6 +67,28 @@ def transition(record: TensorRecord, move: Move, *, what: str = "tensor") -> Ten
     """Apply `move` to `record` and return the new state; raise StateError if illegal."""
     if record.state not in _ALLOWED_FROM[move]:
         raise StateError(f"illegal move {move.name.lower()} for {what} in state {record.state.name.lower()}")
+    _apply(record, move)
+    return record.state
+
+
+def transition_many(records: dict[int, TensorRecord], indices, move: Move, *, what: str = "slot") -> tuple[int, int]:
+    """Apply `move` to several records at once (one chunk's slots: one call instead of one per
+    tensor); returns the change in (COMPUTE, FREE) counts. Raises StateError on the first
+    illegal move, naming its index; the moves before it stay applied."""
+    allowed = _ALLOWED_FROM[move]
+    computing = freed = 0
+    for index in indices:
+        record = records[index]
+        state = record.state
+        if state not in allowed:
+            raise StateError(f"illegal move {move.name.lower()} for {what} {index} in state {state.name.lower()}")
+        _apply(record, move)
+        computing += (record.state is _S.COMPUTE) - (state is _S.COMPUTE)
+        freed += (record.state is _S.FREE) - (state is _S.FREE)
+    return computing, freed
+
+
+def _apply(record: TensorRecord, move: Move) -> None:
     if move is Move.ACQUIRE:
         record.state, record.refs = _S.COMPUTE, record.refs + 1
     elif move in _RELEASE_TARGET:
@@ -79,4 +101,3 @@ def transition(record: TensorRecord, move: Move, *, what: str = "tensor") -> Ten
         record.state = _S.FREE if record.state is _S.FREE else _S.HOLD
     else:
         record.state = _S.FREE
-    return record.state

@@ -34,6 +34,8 @@ class Trace:
     tail: int = 0
     """Highest non-model bytes after the last moment, until the run ended."""
     replays: int = 0
+    _reserve: list[int] | None = None
+    """reserve() per position, built once the figures stop changing (sampling ended)."""
     _ahead: dict[tuple[int, int], list[int]] = field(default_factory=dict)
 
     def add(self, chunk_id: int, nonmodel: int) -> None:
@@ -162,5 +164,12 @@ class Tracer:
         if not self.replaying:
             return None
         trace = self.current
-        ahead = max(trace.nonmodel[max(self.pos - 1, 0) : self.pos + self.window], default=0)
-        return max(ahead, trace.tail) if self.pos + self.window >= len(trace.ids) else ahead
+        if trace.replays > SAMPLED_REPLAYS:  # figures final: one list lookup per moment
+            if trace._reserve is None:
+                trace._reserve = [self._window_max(trace, pos) for pos in range(len(trace.ids) + 1)]
+            return trace._reserve[self.pos]
+        return self._window_max(trace, self.pos)
+
+    def _window_max(self, trace: Trace, pos: int) -> int:
+        ahead = max(trace.nonmodel[max(pos - 1, 0) : pos + self.window], default=0)
+        return max(ahead, trace.tail) if pos + self.window >= len(trace.ids) else ahead
