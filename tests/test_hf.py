@@ -185,7 +185,7 @@ def test_export_bf16_at_a_step(tmp_path, homestar_home, corpus_dir):
     assert main(["export", str(run), str(out), "--step", "1", "--dtype", "bf16"]) == 0
     assert json.loads((out / "config.json").read_text()).get("dtype", "bfloat16") == "bfloat16"
     hf = _hf_model(out)
-    from homestar.hf.export import checkpoint_weights
+    from homestar.train.checkpoint import load_weights as checkpoint_weights
 
     step, weights = checkpoint_weights(run, 1)
     assert step == 1

@@ -44,7 +44,18 @@ def _child(argv: list[str], kill_at: str | None) -> None:
     os._exit(main(argv))
 
 
+def _preload() -> None:
+    """Import here, once, what every child would otherwise import after the fork (torch.optim's
+    first optimizer pulls in torch._dynamo: ~3 s on this machine)."""
+    import torch._dynamo  # noqa: F401
+
+    import homestar.data  # noqa: F401
+    import homestar.runtime  # noqa: F401
+    import homestar.train.session  # noqa: F401
+
+
 def _launch(argv: list[str], kill_at: str | None = None, delay: float | None = None) -> int:
+    _preload()
     proc = FORK.Process(target=_child, args=(argv, kill_at))
     proc.start()
     if delay is not None:
@@ -65,12 +76,14 @@ def _remaining(run_dir) -> int:
 def _kill_point(mode: str, remaining: int, accum: int, rng: random.Random) -> tuple[str | None, float | None]:
     """A hook setting (or a delay) certain to fire before the process could finish its work."""
     saves = max(1, remaining // SAVE_EVERY)
+    if mode == "early" and remaining >= 20:  # start-up: loading data, writing the run folder
+        return None, rng.uniform(0.02, 0.5)
     if mode == "delay" and remaining >= 20:
-        return None, rng.uniform(0.05, 1.5)
-    if mode == "checkpoint-file":
+        return None, rng.uniform(0.5, 1.5)
+    if mode == "checkpoint-commit" and saves > 1:  # not the final save: that one ends the run
+        return f"checkpoint-commit:{rng.randint(1, saves - 1)}", None
+    if mode in ("checkpoint-file", "checkpoint-commit"):
         return f"checkpoint-file:{rng.randint(1, 4 * saves)}", None
-    if mode == "checkpoint-commit":
-        return f"checkpoint-commit:{rng.randint(1, saves)}", None
     if mode == "micro-batch":
         return f"micro-batch:{rng.randint(1, remaining * accum)}", None
     if mode == "event":
@@ -101,7 +114,7 @@ def _eval_losses(run_dir) -> dict[int, float]:
 
 CASES = {
     "torch": (["--runtime", "torch"], 1,
-              ["delay", "checkpoint-file", "micro-batch", "event", "checkpoint-commit", "step",
+              ["early", "checkpoint-file", "micro-batch", "event", "checkpoint-commit", "step",
                "delay", "checkpoint-file", "event", "micro-batch", "checkpoint-commit", "step"]),
     "chunked": (["--runtime", "chunked", "--gpu-mem-gib", "0.02", "--accum", "2"], 2,
                 ["delay", "checkpoint-file", "micro-batch", "event", "checkpoint-commit", "step",
@@ -130,3 +143,18 @@ def test_sigkill_at_random_moments_then_resume_is_bit_exact(case, tmp_path, home
 
 def test_the_two_cases_kill_twenty_times():
     assert sum(len(modes) for _, _, modes in CASES.values()) == 20
+
+
+def test_train_starts_again_in_a_folder_a_killed_start_left(tmp_path, homestar_home, corpus_dir, capsys):
+    """Killed before config.json was written, a run cannot be resumed; `train` may reuse its folder."""
+    from homestar.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".lock").write_text("")
+    (run / "tokenizer.json").write_text("{cut")
+    assert main(["train", *FAST, "--data", str(corpus_dir), "--run-dir", str(run), "--steps", "2",
+                 "--runtime", "torch"]) == 0
+    assert sorted(step_losses(run)) == [1, 2]
+    (run / "extra.txt").write_text("a user's file")
+    assert main(["train", *FAST, "--data", str(corpus_dir), "--run-dir", str(run), "--steps", "2"]) != 0

@@ -11,7 +11,6 @@ checkpoints, nothing of engines, chunks or the trainer loop.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from homestar.errors import CheckpointError, ConfigError
+from homestar.errors import ConfigError
 from homestar.hf.gpt2 import config_fields, to_gpt2
+from homestar.train.checkpoint import load_weights
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -57,7 +56,7 @@ def export_run(run_dir: Path, out_dir: Path, *, step: int | None = None, dtype: 
     tokenizer = read_tokenizer_file(run_dir / "tokenizer.json")
     eot = eot_id(tokenizer, where=str(run_dir / "tokenizer.json"))
     fields = config_fields(config.model, eot_id=eot, where=str(run_dir / "config.json"))
-    step, weights = checkpoint_weights(run_dir, step)
+    step, weights = load_weights(run_dir, step)
     tensors = _gpt2_tensors(weights, DTYPES[dtype])
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -82,53 +81,6 @@ def require_transformers():
     except ImportError:
         raise ConfigError("this needs Hugging Face transformers: pip install homestar[hf]") from None
     return transformers
-
-
-def checkpoint_weights(run_dir: Path, step: int | None) -> tuple[int, dict[str, torch.Tensor]]:
-    """(step, {name: fp32 tensor}) of checkpoint `step`, or of the newest one that is intact.
-
-    Checks model.safetensors against the checkpoint's manifest (size and sha256: one read of the
-    file) and loads it alone; the optimizer moments (twice the weights) stay on disk.
-    """
-    from homestar.train.checkpoint import checkpoint_name, list_checkpoints
-
-    saved = list_checkpoints(run_dir)
-    if not saved:
-        raise CheckpointError(f"{run_dir} has no checkpoint yet")
-    if step is not None:
-        path = run_dir / "checkpoints" / checkpoint_name(step)
-        if path not in saved:
-            steps = ", ".join(str(int(p.name.split("_")[1])) for p in saved)
-            raise CheckpointError(f"{run_dir} has no checkpoint at step {step} (saved steps: {steps})")
-        return step, _verified_weights(path)
-    problems = []
-    for path in reversed(saved):
-        try:
-            return int(path.name.split("_")[1]), _verified_weights(path)
-        except CheckpointError as exc:
-            problems.append(str(exc))
-    raise CheckpointError(problems[0])
-
-
-def _verified_weights(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-        want = manifest["files"]["model.safetensors"]
-        if _describe(path / "model.safetensors") != want:
-            raise CheckpointError(f"checkpoint file {path / 'model.safetensors'} is damaged (size or hash mismatch)")
-        return load_file(path / "model.safetensors")
-    except CheckpointError:
-        raise
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, SafetensorError) as exc:
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__})") from None
-
-
-def _describe(path: Path) -> dict:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 23):
-            digest.update(block)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def _check_out_dir(out_dir: Path) -> None:

@@ -216,7 +216,7 @@ def _fit_cpu(est: Estimate, simulated: int | None, host_budget: int) -> Fit | No
 
 
 def _fit_cuda(est: Estimate, gpu_budget: int, host_budget: int) -> Fit | None:
-    data, group, n = est.data, est.data.group, est.data.n_chunks
+    group, n = est.data.group, est.data.n_chunks
     gpu_cap = gpu_budget - est.context
     # The runtime counts its chunks unrounded; scale the host room into its units.
     cpu_cap = (host_budget - est.host_base - est.model_bytes) * group.total / est.host_group

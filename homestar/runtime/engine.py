@@ -89,6 +89,10 @@ class ChunkedEngine:
         with self._work(("step",)):
             return self.adamw.step(lr, self.scaler)
 
+    def zero_grad(self) -> None:
+        """Forget the grads accumulated since the last step (a failed step's); nothing is updated."""
+        self.adamw.discard_grads()
+
     def eval_loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         idx, targets = self._to_device(idx), self._to_device(targets)
         self.model.eval()

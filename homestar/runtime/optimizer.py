@@ -133,6 +133,10 @@ class ChunkAdamW:
         for chunk in (group.master, group.exp_avg, group.exp_avg_sq):
             self._let_go(chunk, infos)
 
+    def discard_grads(self) -> None:
+        """Forget every accumulated gradient (a failed step's) without updating anything."""
+        self._finish({})
+
     def _finish(self, by_group: dict[int, list[ParamInfo]]) -> None:
         """Release the staged grads, discard every gradient, forget who had one."""
         for index, infos in by_group.items():

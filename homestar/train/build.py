@@ -69,16 +69,27 @@ def build_engine(config: RunConfig, model):
         from homestar.train.torch_engine import TorchEngine
 
         return TorchEngine(model, optim, device=config.device, precision=config.precision)
+    import psutil
+
     from homestar.runtime import RuntimeConfig, attach
+    from homestar.train.memory_guard import host_chunk_budget
 
     runtime = RuntimeConfig(
         device=config.device,
         gpu_budget_bytes=None if config.gpu_mem_gib is None else int(config.gpu_mem_gib * GIB),
-        cpu_budget_bytes=None if config.cpu_mem_gib is None else int(config.cpu_mem_gib * GIB),
+        # --cpu-mem-gib caps the process; the chunks get what the rest of it leaves
+        cpu_budget_bytes=_host_budget(config, host_chunk_budget(config, rss=psutil.Process().memory_info().rss)),
         chunk_elems=config.chunk_elems,
         precision=config.precision,
     )
     return attach(model, runtime, optim)
+
+
+def _host_budget(config: RunConfig, from_cap: int | None) -> int | None:
+    """The tighter of the process cap's share and the plan's chunk budget (either may be None)."""
+    planned = None if config.host_chunk_gib is None else int(config.host_chunk_gib * GIB)
+    budgets = [b for b in (from_cap, planned) if b is not None]
+    return min(budgets) if budgets else None
 
 
 @dataclass(kw_only=True, slots=True)

@@ -26,9 +26,10 @@ from safetensors.torch import load_file, save_file
 from homestar.errors import CheckpointError
 from homestar.train import faults
 
-from homestar.train.run_files import checkpoint_name, list_checkpoints  # noqa: F401  (re-exported)
+from homestar.train.run_files import checkpoint_name, checkpoint_step, list_checkpoints
 
 FORMAT = 1
+_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
 
 
 def save_checkpoint(run_dir: Path, step: int, engine_state: dict, trainer_state: dict, *, keep: int = 2) -> Path:
@@ -82,10 +83,9 @@ def _write(tmp: Path, step: int, engine_state: dict, trainer_state: dict) -> Non
     state = {"format": FORMAT, "step": step, "optimizer": optimizer, "rng": rng_json, **trainer_state}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     faults.reach("checkpoint-file")
-    files = ["model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"]
-    manifest = {"format": FORMAT, "step": step, "files": {f: _describe(tmp / f) for f in files}}
+    manifest = {"format": FORMAT, "step": step, "files": {f: _describe(tmp / f) for f in _FILES}}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    for f in files + ["manifest.json"]:
+    for f in [*_FILES, "manifest.json"]:
         _fsync(tmp / f)
 
 
@@ -106,27 +106,85 @@ def load_latest(run_dir: Path, *, warn=None) -> tuple[dict, dict]:
     raise CheckpointError(f"no usable checkpoint in {run_dir}: {problems[0]}")
 
 
+def load_weights(run_dir: Path, step: int | None = None) -> tuple[int, dict]:
+    """(step, {name: fp32 tensor}) of checkpoint `step`, or of the newest whose weights are intact.
+
+    Verifies and reads model.safetensors alone: the optimizer moments (twice the weights) stay on
+    disk, which is what sampling and export need."""
+    saved = list_checkpoints(run_dir)
+    if not saved:
+        raise CheckpointError(f"{run_dir} has no checkpoint yet")
+    if step is not None:
+        path = run_dir / "checkpoints" / checkpoint_name(step)
+        if path not in saved:
+            steps = ", ".join(str(checkpoint_step(p)) for p in saved)
+            raise CheckpointError(f"{run_dir} has no checkpoint at step {step} (saved steps: {steps})")
+        return step, _verified_weights(path)
+    problems = []
+    for path in reversed(saved):
+        try:
+            return checkpoint_step(path), _verified_weights(path)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+    raise CheckpointError(problems[0])
+
+
+def _verified_weights(path: Path) -> dict:
+    _verify(path, {"model.safetensors": _read_manifest(path)["model.safetensors"]})
+    try:
+        return load_file(path / "model.safetensors")
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise CheckpointError(f"checkpoint file {path / 'model.safetensors'} is unreadable "
+                              f"({type(exc).__name__})") from None
+
+
+def _verify(path: Path, files: dict[str, dict]) -> None:
+    """Each named file's size and sha256 against the manifest's, or CheckpointError naming it."""
+    for name, meta in files.items():
+        try:
+            found = _describe(path / name)
+        except OSError as exc:
+            raise CheckpointError(f"checkpoint file {path / name} is unreadable ({exc.strerror or exc})") from None
+        if found != meta:
+            raise CheckpointError(f"checkpoint file {path / name} is damaged (size or hash mismatch)")
+
+
 def load_checkpoint(path: Path) -> tuple[dict, dict]:
     """Validate a checkpoint folder against its manifest and load it (no pickle anywhere)."""
+    _verify(path, _read_manifest(path))
+    current = path / "state.json"
     try:
-        manifest = json.loads((path / "manifest.json").read_text())
-        files = manifest["files"]
-        for name, meta in files.items():
-            if _describe(path / name) != meta:
-                raise CheckpointError(f"checkpoint file {path / name} is damaged (size or hash mismatch)")
-        state = json.loads((path / "state.json").read_text())
-        weights = load_file(path / "model.safetensors")
-        moments = load_file(path / "optimizer.safetensors")
-        rng = load_file(path / "rng.safetensors")
-    except CheckpointError:
-        raise
+        state = json.loads(current.read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or not isinstance(state.get("optimizer"), dict):
+            raise ValueError("not a checkpoint state")
+        int(state["step"])
+        current = path / "model.safetensors"
+        weights = load_file(current)
+        current = path / "optimizer.safetensors"
+        moments = load_file(current)
+        current = path / "rng.safetensors"
+        rng = load_file(current)
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
-        raise CheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__})") from None
+        raise CheckpointError(f"checkpoint file {current} is unreadable ({type(exc).__name__})") from None
     optimizer = dict(state.pop("optimizer"))
     optimizer["exp_avg"] = {k.split("/", 1)[1]: v for k, v in moments.items() if k.startswith("exp_avg/")}
     optimizer["exp_avg_sq"] = {k.split("/", 1)[1]: v for k, v in moments.items() if k.startswith("exp_avg_sq/")}
     state["rng_tensors"] = rng
     return {"weights": weights, "optimizer": optimizer}, state
+
+
+def _read_manifest(path: Path) -> dict[str, dict]:
+    """{file name: {"bytes", "sha256"}} for every file a checkpoint must have, or CheckpointError."""
+    manifest_path = path / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint file {manifest_path} is unreadable ({type(exc).__name__})") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or set(files) != set(_FILES) or not all(
+            isinstance(m, dict) and set(m) == {"bytes", "sha256"} for m in files.values()):
+        raise CheckpointError(f"checkpoint file {manifest_path} is damaged (not a homestar manifest)")
+    return files
 
 
 def restore_rng(trainer_state: dict) -> None:

@@ -50,6 +50,9 @@ class RunConfig:
     runtime: str
     gpu_mem_gib: float | None = None
     cpu_mem_gib: float | None = None
+    """Cap on the whole training process's host memory, pinned included (--cpu-mem-gib)."""
+    host_chunk_gib: float | None = None
+    """The chunk runtime's own host budget when the planner chose one (--preset auto)."""
     chunk_elems: int | None = None
     activation_checkpointing: bool = False
     lr: float
@@ -80,7 +83,7 @@ class RunConfig:
         for name in ("save_every", "eval_every", "sample_every", "warmup_steps", "seed"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be zero or a positive whole number")
-        for name in ("gpu_mem_gib", "cpu_mem_gib"):
+        for name in ("gpu_mem_gib", "cpu_mem_gib", "host_chunk_gib"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive number of GiB, got {value}")

@@ -73,7 +73,7 @@ class Control:
             parts = line.split()
             if not parts:
                 continue
-            if parts[0] == "steps" and len(parts) == 2 and parts[1].isdigit():
+            if parts[0] == "steps" and len(parts) == 2 and parts[1].isdecimal():
                 self.extend_to = int(parts[1])
             elif parts[0] in COMMANDS:
                 self._pending.append(parts[0])

@@ -33,6 +33,9 @@ class Engine(Protocol):
     def step(self, lr: float) -> StepReport:
         """Clip by global norm, apply AdamW at this lr, zero the grads."""
 
+    def zero_grad(self) -> None:
+        """Forget the grads accumulated since the last step (used to redo a step that failed)."""
+
     def eval_loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Loss of one batch without grads (the engine may re-plan for the eval shape)."""
 

@@ -186,9 +186,19 @@ def read_events(path: Path) -> list[dict]:
             record = json.loads(line)
         except (ValueError, UnicodeDecodeError):
             continue
-        if isinstance(record, dict) and isinstance(record.get("event"), str):
+        if isinstance(record, dict) and isinstance(record.get("event"), str) and _well_typed(record):
             events.append(record)
     return events
+
+
+def _well_typed(record: dict) -> bool:
+    """A step must be a whole number and a loss a number (and a step event has both): readers
+    do arithmetic on them."""
+    if record["event"] == "step" and not ("step" in record and "loss" in record):
+        return False
+    step, loss = record.get("step", 0), record.get("loss", 0.0)
+    return (isinstance(step, int) and not isinstance(step, bool)
+            and isinstance(loss, (int, float)) and not isinstance(loss, bool))
 
 
 def truncate_events(path: Path, step: int) -> None:

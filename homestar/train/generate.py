@@ -8,21 +8,13 @@ import torch
 
 from homestar.errors import CheckpointError, ConfigError
 from homestar.train.build import resolve_device
-from homestar.train.checkpoint import list_checkpoints, load_checkpoint
+from homestar.train.checkpoint import load_weights
 from homestar.train.config import RunConfig
 
 
 def load_weights_only(run_dir: Path) -> dict:
-    """Weights of the newest checkpoint whose manifest checks out (older ones if it is damaged)."""
-    problems = []
-    for path in reversed(list_checkpoints(run_dir)):
-        try:
-            return load_checkpoint(path)[0]["weights"]
-        except CheckpointError as exc:
-            problems.append(str(exc))
-    if problems:
-        raise CheckpointError(problems[0])
-    raise CheckpointError(f"{run_dir} has no checkpoint yet")
+    """Weights of the newest checkpoint whose weights file checks out (older ones if damaged)."""
+    return load_weights(run_dir)[1]
 
 
 def generate_from_run(run_dir: Path, prompt: str, *, tokens: int, temperature: float, top_k: int | None,

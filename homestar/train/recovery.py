@@ -37,18 +37,8 @@ def smaller_micro_batch(micro_batch: int) -> int | None:
 
 
 def discard_grads(engine) -> None:
-    """Drop whatever gradients the failed step accumulated, so the redo starts from zero.
-
-    Engines with `zero_grad()` (TorchEngine) use it; the chunk runtime's engine has no public
-    method yet, so its optimizer's end-of-step reset is called (clears every grad chunk and the
-    "has a grad" marks, exactly what a finished step leaves)."""
-    if hasattr(engine, "zero_grad"):
-        engine.zero_grad()
-        return
-    adamw = getattr(engine, "adamw", None)
-    if adamw is None or not hasattr(adamw, "_finish"):
-        raise RuntimeError(f"{type(engine).__name__} cannot discard a failed step's gradients")
-    adamw._finish({})
+    """Drop whatever gradients the failed step accumulated, so the redo starts from zero."""
+    engine.zero_grad()
 
 
 def free_cached_memory(device: str) -> None:

@@ -62,7 +62,7 @@ def list_runs(root: Path) -> list[RunInfo]:
     folders = [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
     if root == runs_dir():
         folders += [p for p in _remembered() if p.parent != root]
-    runs = [read_run(p) for p in dict.fromkeys(folders) if (p / "config.json").exists()]
+    runs = [read_run(p) for p in dict.fromkeys(folders) if _is_run(p)]
     return sorted(runs, key=lambda r: r.updated, reverse=True)
 
 
@@ -85,7 +85,14 @@ def _remembered() -> list[Path]:
         lines = _elsewhere_file().read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return []
-    return [Path(line) for line in lines if line.strip()]
+    return [Path(line) for line in lines if line.strip() and "\0" not in line]
+
+
+def _is_run(path: Path) -> bool:
+    try:
+        return (path / "config.json").is_file()
+    except (OSError, ValueError):  # a damaged runs-elsewhere.txt line: too long a name, a NUL
+        return False
 
 
 def _mtime(path: Path) -> float:

@@ -49,6 +49,8 @@ class TrainRequest:
     decay_steps: int | None = None
     chunk_elems: int | None = None
     activation_checkpointing: bool | None = None
+    host_chunk_gib: float | None = None
+    """Set from the plan for --preset auto: the chunk runtime's own host budget."""
     init_from: str | None = None
     """A local Hugging Face GPT-2 folder to start from: its shape, weights and tokenizer replace
     the preset's (whose name must then be left at "auto") and the learned tokenizer."""
@@ -79,9 +81,10 @@ def _pick_preset(request: TrainRequest, device: str):
     best = next(p for p in plans if p.recommended)
     if best.fits == "no":
         raise BudgetError(f"no preset fits this machine ({best.preset}: {best.reason})")
-    for name in ("micro_batch", "accum", "chunk_elems", "cpu_mem_gib"):
+    for name in ("micro_batch", "accum", "chunk_elems"):
         if getattr(request, name) is None:
             setattr(request, name, getattr(best, name))
+    request.host_chunk_gib = best.cpu_mem_gib  # the plan's host budget is for chunks, not the process
     return load_preset(best.preset)
 
 
@@ -108,6 +111,7 @@ def make_config(request: TrainRequest, name: str) -> RunConfig:
         eval_batches=request.eval_batches, sample_every=request.sample_every, device=device,
         precision=resolve_precision(request.precision, device), runtime=request.runtime,
         gpu_mem_gib=request.gpu_mem_gib, cpu_mem_gib=request.cpu_mem_gib, chunk_elems=request.chunk_elems,
+        host_chunk_gib=request.host_chunk_gib,
         activation_checkpointing=(device == "cuda") if request.activation_checkpointing is None
         else request.activation_checkpointing,
         lr=lr, min_lr=min(t.min_lr, lr), warmup_steps=t.warmup_steps,

@@ -22,6 +22,8 @@ from homestar.errors import CheckpointError
 from homestar.train.checkpoint import save_checkpoint
 from homestar.train.config import RunConfig
 from homestar.train.control import Control
+from homestar.train import memory_guard as guards
+from homestar.train.memory_guard import MemoryGuard, default_threshold
 from homestar.train.recovery import discard_grads, free_cached_memory, is_out_of_memory, smaller_micro_batch
 from homestar.train.sampling import sample_text
 from homestar.train.schedule import Schedule
@@ -59,6 +61,7 @@ class Trainer:
         self._last_saved = self.progress.step
         self._process = psutil.Process()
         faults.arm_from_env()
+        self.memory_guard = MemoryGuard(threshold=default_threshold(), interval=guards.POLL_SECONDS)
 
     # -- events -------------------------------------------------------------------------------
     def emit(self, event: ev.Event) -> None:
@@ -98,6 +101,8 @@ class Trainer:
                 return "stopped"
             if self.control.extend_to:
                 self._extend(self.control.extend_to)
+            if self.memory_guard.short() and self._wait_for_memory() == "stop":
+                return "stopped"
             self.train_step()
             self._after_step()
         return "finished"
@@ -241,6 +246,24 @@ class Trainer:
         action = self.control.wait_while_paused()
         self.emit(ev.Status(time=self._now(), step=self.progress.step, state="running", message="training resumed"))
         return action
+
+    def _wait_for_memory(self) -> str:
+        """Pause while the machine is short of memory (other programs grew); "stop" if asked to."""
+        guard = self.memory_guard
+        self.emit(ev.Status(time=self._now(), step=self.progress.step, state="waiting-for-memory",
+                            message=f"only {guard.available() / 2**30:.2f} GiB of memory available, under "
+                                    f"{guard.threshold / 2**30:.2f} GiB: waiting for other programs to free some"))
+        action = guard.wait(should_stop=self._stop_requested_while_waiting)
+        if action == "running":
+            self.emit(ev.Status(time=self._now(), step=self.progress.step, state="running",
+                                message="memory available again, training goes on"))
+        return action
+
+    def _stop_requested_while_waiting(self) -> bool:
+        action = self.control.poll()
+        if action == "save":
+            self.save()
+        return action == "stop"
 
     def _extend(self, steps: int) -> None:
         self.control.extend_to = None
