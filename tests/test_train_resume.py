@@ -83,6 +83,10 @@ def test_loss_falls_and_sample_prints(tmp_path, homestar_home, corpus_dir, capsy
     assert main(["runs"]) == 0  # a run kept outside the default folder is listed too
     listed = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
     assert ["run", "debug", "30"] == listed[0][:3] and listed[0][4:] == ["finished", "yes"]
+    metrics = run / "metrics.jsonl"
+    metrics.write_text("".join(metrics.read_text().splitlines(keepends=True)[:-1]))  # as if killed before "end"
+    assert main(["runs"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[4] == "finished"  # its last save is the final step
     assert main(["sample", str(run), "--prompt", "def ", "--tokens", "20"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("def ") and len(out) > len("def ") + 5

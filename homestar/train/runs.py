@@ -40,14 +40,15 @@ def read_run(path: Path) -> RunInfo:
     events = read_events(path / "metrics.jsonl")
     steps = [e for e in events if e["event"] == "step"]
     last_end = next((e for e in reversed(events) if e["event"] in ("end", "start")), None)
+    status = None
     if is_locked(path):
         status = "running"
     elif last_end is not None and last_end["event"] == "end":
         status = str(last_end.get("status", "stopped"))
-    else:
-        status = "interrupted"
     checkpoints = list_checkpoints(path)
     saved = checkpoint_step(checkpoints[-1]) if checkpoints else None
+    if status is None:  # killed: done anyway if its last checkpoint is the final step
+        status = "finished" if saved is not None and saved >= config.steps else "interrupted"
     return RunInfo(
         name=path.name, path=path, preset=config.preset,
         step=int(steps[-1]["step"]) if steps else 0, saved_step=saved, total_steps=config.steps,
