@@ -184,6 +184,7 @@ def start_run(request: TrainRequest, sinks: list) -> Session:
 
     config = make_config(request, name="")
     ranks = _join(config)
+    config.world = ranks.world
     run_dir = Path(ranks.broadcast(str(_new_run_dir(request, config.preset)) if ranks.main else None))
     source = resolve_source(request.data)
     if not ranks.main:

@@ -23,7 +23,7 @@ import torch
 
 from homestar.train import events as ev
 from homestar.train import faults
-from homestar.errors import CheckpointError
+from homestar.errors import CheckpointError, ConfigError
 from homestar.train.checkpoint import save_checkpoint
 from homestar.train.config import RunConfig
 from homestar.train.control import Control
@@ -54,7 +54,8 @@ class Trainer:
 
         self.config, self.run_dir, self.engine, self.model, self.data = config, run_dir, engine, model, data
         self.ranks = ranks or Ranks()
-        self.tokens_per_step = config.tokens_per_step * self.ranks.world
+        self.tokens_per_step = config.tokens_per_step
+        self.rows, self.micro, self.local_accum = self._share(config)
         self.sinks = sinks
         self.progress = progress or Progress()
         self.flops_per_token = flops_per_token
@@ -62,7 +63,7 @@ class Trainer:
                                  decay_steps=config.decay_steps)
         # one global stream (the same on every rank): its cursor means the same at any world size
         self.stream = TokenStream(data.train, seq_len=config.seq_len,
-                                  micro_batch=config.draw_batch * self.ranks.world, seed=config.seed)
+                                  micro_batch=config.global_draw, seed=config.seed)
         if self.progress.data:
             self.stream.load_state_dict(self.progress.data)
         self.control = Control(run_dir)
@@ -146,18 +147,32 @@ class Trainer:
         losses = []
         for k in range(first_draw, first_draw + cfg.micro_batch * cfg.accum // cfg.draw_batch):
             x, y = self._my_rows(*self.stream.batch_at(k))
-            for xs, ys in zip(x.split(cfg.micro_batch), y.split(cfg.micro_batch)):
-                # grads of loss / (accum * world), summed over ranks by the engine: the global mean
-                losses.append(self.engine.forward_backward(xs, ys, cfg.accum * self.ranks.world))
+            for xs, ys in zip(x.split(self.micro), y.split(self.micro)):
+                # grads of loss / (micro-batches per rank * world), summed over ranks by the
+                # engine: the mean over the global batch, whatever the number of ranks
+                losses.append(self.engine.forward_backward(xs, ys, self.local_accum * self.ranks.world))
                 faults.reach("micro-batch")
         faults.maybe_oom(step_number)
         return losses
 
+    def _share(self, cfg: RunConfig) -> tuple[int, int, int]:
+        """(rows of each global draw this rank trains on, its micro-batch, its micro-batches per
+        step). A run resumed on another number of ranks keeps its global batch: each rank's
+        share changes, and the micro-batch shrinks to a divisor of it if needed."""
+        world = self.ranks.world
+        if cfg.global_draw % world:
+            raise ConfigError(f"this run draws {cfg.global_draw} sequences at a time, which {world} "
+                              f"processes cannot share evenly; use a number of processes that divides it")
+        rows = cfg.global_draw // world
+        micro = math.gcd(cfg.micro_batch, rows)
+        draws = cfg.micro_batch * cfg.accum // cfg.draw_batch
+        return rows, micro, draws * rows // micro
+
     def _my_rows(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's draw_batch rows of a global draw (views, no copy)."""
-        if self.ranks.world == 1:
+        """This rank's rows of a global draw (views, no copy)."""
+        if self.rows == len(x):
             return x, y
-        rows = slice(self.ranks.rank * self.config.draw_batch, (self.ranks.rank + 1) * self.config.draw_batch)
+        rows = slice(self.ranks.rank * self.rows, (self.ranks.rank + 1) * self.rows)
         return x[rows], y[rows]
 
     def _recovering(self, work: Callable):
@@ -186,6 +201,7 @@ class Trainer:
         free_cached_memory(cfg.device)
         cfg.data_micro_batch = cfg.draw_batch
         cfg.micro_batch, cfg.accum = new_micro, old_accum * (old_micro // new_micro)
+        self.rows, self.micro, self.local_accum = self._share(cfg)
         cfg.save(self.run_dir)
         self.emit(ev.Status(time=self._now(), step=self.progress.step, state="oom-recovered",
                             message=f"out of memory ({reason}); micro-batch {old_micro} -> {new_micro}, "
@@ -207,7 +223,7 @@ class Trainer:
         from homestar.data import TokenStream
 
         cfg = self.config
-        stream = TokenStream(self.data.val, seq_len=cfg.seq_len, micro_batch=cfg.draw_batch * self.ranks.world,
+        stream = TokenStream(self.data.val, seq_len=cfg.seq_len, micro_batch=cfg.global_draw,
                              seed=cfg.seed + 1, split="validation")
         total = self.ranks.mean(self._recovering(lambda: self._eval_total(stream, stream.batches)))
         loss = float(total) / cfg.eval_batches
@@ -221,7 +237,7 @@ class Trainer:
             x, y = self._my_rows(*stream.batch_at(k))
             # note: sync per eval micro-batch (.cpu())
             pieces = [self.engine.eval_loss(xs, ys).float().cpu()
-                      for xs, ys in zip(x.split(cfg.micro_batch), y.split(cfg.micro_batch))]
+                      for xs, ys in zip(x.split(self.micro), y.split(self.micro))]
             total += pieces[0] if len(pieces) == 1 else torch.stack(pieces).mean()
         return total
 
