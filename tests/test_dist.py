@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from homestar.train.checkpoint import load_weights
 from train_helpers import make_corpus, step_losses
 
 FLAGS = ["--preset", "debug", "--device", "cpu", "--seq-len", "64", "--eval-every", "2", "--sample-every", "0",
@@ -66,6 +68,11 @@ def test_two_ranks_match_one_and_reshard_to_one(reference):
     saved = sorted(p.name for p in (tmp / "two" / "checkpoints" / "step_0000002").iterdir())
     assert "model-00001-of-00002.safetensors" in saved and "model.safetensors" not in saved
     _close(step_losses(tmp / "two"), one, [1, 2])
+    _, merged = load_weights(tmp / "two", 2)  # the shards, merged by name (what sample/export read)
+    _, single = load_weights(tmp / "one", 2)
+    assert merged.keys() == single.keys()
+    for name, tensor in single.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=1e-4, atol=1e-5)
     _run(_homestar("resume", "two", "--steps", "4", "--headless"), tmp, tmp / "home")  # 2 ranks -> 1
     _close(step_losses(tmp / "two"), one, [1, 2, 3, 4])
 
