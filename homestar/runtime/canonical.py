@@ -10,10 +10,12 @@ Knows nothing of files, models or the trainer.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from homestar.errors import CheckpointError
-from homestar.runtime.binding import ParamTable
+from homestar.runtime.binding import ParamInfo, ParamTable
 from homestar.runtime.chunk import Chunk
 from homestar.runtime.optimizer import ChunkAdamW
 from homestar.runtime.placement import Placement
@@ -21,7 +23,10 @@ from homestar.runtime.scaler import LossScaler
 from homestar.runtime.states import Move
 
 
-def export_state(table: ParamTable, adamw: ChunkAdamW, placement: Placement, scaler: LossScaler | None) -> dict:
+def export_state(table: ParamTable, adamw: ChunkAdamW, placement: Placement, scaler: LossScaler | None,
+                 keep: Callable[[ParamInfo], bool] | None = None) -> dict:
+    """Canonical state of the parameters `keep` selects (all by default: one rank's shard
+    otherwise); "step" and extras are the whole optimizer's."""
     cache: dict[int, torch.Tensor] = {}
 
     def read(chunk: Chunk, info) -> torch.Tensor:
@@ -31,6 +36,8 @@ def export_state(table: ParamTable, adamw: ChunkAdamW, placement: Placement, sca
 
     weights, exp_avg, exp_avg_sq, steps = {}, {}, {}, {}
     for info in table:
+        if keep is not None and not keep(info):
+            continue
         weights[info.name] = read(info.group.master, info)
         step = adamw.param_step(info)
         if step > 0:

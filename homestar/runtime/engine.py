@@ -20,6 +20,7 @@ from homestar.optim import StepReport
 from homestar.runtime.binding import ParamTable
 from homestar.runtime.canonical import export_state, import_state
 from homestar.runtime.chunk import ChunkGroup
+from homestar.runtime.collectives import Collective
 from homestar.runtime.config import RuntimeConfig
 from homestar.runtime.homes import GroupBytes, plan_homes
 from homestar.runtime.hooks import Phase, RuntimeHooks
@@ -113,7 +114,10 @@ class ChunkedEngine:
             yield self.model
 
     def state_dict(self) -> dict:
-        return export_state(self.table, self.adamw, self.placement, self.scaler)
+        """Canonical state; across ranks, this rank's shard: the parameters of the groups it owns."""
+        comm = self.adamw.collective
+        keep = None if not comm.active else (lambda info: comm.owns(info.group.index))
+        return export_state(self.table, self.adamw, self.placement, self.scaler, keep)
 
     def load_state_dict(self, state: dict) -> None:
         import_state(state, self.table, self.adamw, self.placement, self.scaler)
@@ -143,6 +147,15 @@ class ChunkedEngine:
         self.placement.close()
 
     # -- extras ---------------------------------------------------------------------------
+    def distribute(self, collective: Collective) -> None:
+        """Share the optimizer's work among `collective`'s ranks (group-owner ZeRO); every rank's
+        engine must be built alike and given its collective before the first step."""
+        self.adamw.collective = collective
+
+    @property
+    def collective(self) -> Collective:
+        return self.adamw.collective
+
     def stats(self) -> dict:
         """Counters for tests and benchmarks: fetches, evictions, write-backs, prefetches,
         peak accounted device bytes, the device budget and which groups live on the device."""

@@ -6,6 +6,9 @@ the CPU for the rest. Both call torch's fused AdamW kernel (`torch._fused_adamw_
 element sees the same maths as plain PyTorch. Also as torch: parameters that got no gradient are
 skipped, each parameter has its own step count, no-decay parameters get weight_decay 0, global-
 norm clipping computes the norm of per-parameter norms, fp16 overflow skips the step.
+Across ranks (a `Collective` of world > 1, group-owner ZeRO): each group's fp32 grads are summed
+onto its owner, the squared norm of the owners' grads is summed over ranks, each owner updates
+its groups alone and broadcasts their param chunks. At world 1 none of that is issued.
 Knows nothing of modules, hooks or the trainer.
 """
 
@@ -20,6 +23,7 @@ import torch
 from homestar.optim import OptimConfig, StepReport
 from homestar.runtime.binding import ParamInfo, ParamTable
 from homestar.runtime.chunk import Chunk, ChunkGroup
+from homestar.runtime.collectives import Collective
 from homestar.runtime.placement import Placement
 from homestar.runtime.scaler import LossScaler
 from homestar.runtime.states import Move
@@ -39,6 +43,8 @@ class ChunkAdamW:
         """Per-parameter step count (0-d fp32, as torch's fused AdamW keeps it), by layout index."""
         self.step_count = 0
         """Optimizer steps applied (skipped steps excluded)."""
+        self.collective = Collective()
+        """Which ranks share the work; groups not owned here get no update here."""
 
     def step(self, lr: float, scaler: LossScaler | None) -> StepReport:
         started = time.perf_counter()
@@ -47,11 +53,15 @@ class ChunkAdamW:
         for info in active:
             by_group[info.group.index].append(info)
         grads = self._stage_grads(by_group)
-        grad_list = [grads[info.index] for info in active]
+        comm = self.collective
+        owned = {index: infos for index, infos in by_group.items() if comm.owns(index)}
+        grad_list = [grads[info.index] for infos in owned.values() for info in infos]
         if scaler is not None:
             for tensors in _by_device(grad_list).values():
                 torch._foreach_mul_(tensors, scaler.inv_scale)
         total = self._total_norm(grad_list)
+        if comm.active:  # the global norm: squares of the owners' norms summed over ranks (a sync)
+            total = comm.all_reduce_sum((total.float() ** 2).reshape(1)).sqrt().reshape(())
         grad_norm = float(total)  # sync: the step's one host read of a device value
         skipped = scaler is not None and not math.isfinite(grad_norm)
         if scaler is not None:
@@ -59,8 +69,10 @@ class ChunkAdamW:
         if not skipped:
             if self.config.grad_clip > 0:
                 self._clip(grad_list, total)
-            for index, infos in by_group.items():
+            for index, infos in owned.items():
                 self._adam_group(self.groups[index], infos, grads, lr)
+            if comm.active:
+                self._share_params(by_group)
             self.step_count += bool(active)  # as torch: a step without gradients changes nothing
         self._finish(by_group)
         return StepReport(grad_norm=grad_norm, skipped=skipped, timings={"optimizer": time.perf_counter() - started})
@@ -69,12 +81,33 @@ class ChunkAdamW:
     def _stage_grads(self, by_group: dict[int, list[ParamInfo]]) -> dict[int, torch.Tensor]:
         """Each active grad as a view where its group's optimizer runs (grad chunks held)."""
         grads: dict[int, torch.Tensor] = {}
+        pending = []
         for index, infos in by_group.items():
             chunk = self.groups[index].grad
             tensor = self._hold(chunk, infos)
+            # issued in group order on every rank; gloo/NCCL run them while the next is staged
+            pending.append(self.collective.reduce_to_owner(tensor, index))
             for info in infos:
                 grads[info.index] = chunk.view(tensor, info.slot, info.shape)
+        for work in pending:
+            work.wait()
         return grads
+
+    def _share_params(self, by_group: dict[int, list[ParamInfo]]) -> None:
+        """Broadcast each updated group's param chunk from its owner; two in flight at once, so
+        the copy of one overlaps the staging of the next while holding at most two chunks."""
+        in_flight: list = []
+        for index, infos in by_group.items():
+            chunk = self.groups[index].param
+            in_flight.append((self.collective.broadcast_from_owner(self._hold(chunk, infos), index), chunk, infos))
+            if len(in_flight) > 1:
+                self._land(*in_flight.pop(0))
+        for item in in_flight:
+            self._land(*item)
+
+    def _land(self, work, chunk: Chunk, infos: list[ParamInfo]) -> None:
+        work.wait()
+        self._let_go(chunk, infos)
 
     def _total_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """Norm of per-parameter norms, stacked in parameter order on the first gradient's

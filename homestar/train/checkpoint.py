@@ -6,6 +6,10 @@ Layout of `RUN_DIR/checkpoints/step_NNNNNNN/`:
   rng.safetensors         torch CPU (and CUDA) generator states
   state.json              trainer step, optimizer step and extras, data cursor, Python RNG
   manifest.json           size and sha256 of every file above; written last
+A run of N > 1 ranks writes shards instead of the two large files: rank r writes
+`model-RRRRR-of-NNNNN.safetensors` and `optimizer-RRRRR-of-NNNNN.safetensors` holding the
+parameters it owns, rank 0 the rest, and the manifest says `"shards": N`. Loading merges the
+shards by parameter name into the full canonical state, so any number of ranks can resume it.
 A checkpoint is built in a hidden temporary folder, every file fsynced, then renamed into place, so
 a crash mid-save leaves the previous checkpoint as the latest good one. Nothing is unpickled.
 """
@@ -25,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from homestar.errors import CheckpointError
 from homestar.train import faults
+from homestar.train.distributed import Ranks
 
 from homestar.train.run_files import checkpoint_name, checkpoint_step, list_checkpoints
 
@@ -32,8 +37,12 @@ FORMAT = 1
 _FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
 
 
-def save_checkpoint(run_dir: Path, step: int, engine_state: dict, trainer_state: dict, *, keep: int = 2) -> Path:
-    """Write checkpoint `step` atomically and prune all but the newest `keep`; returns its folder."""
+def save_checkpoint(run_dir: Path, step: int, engine_state: dict, trainer_state: dict, *, keep: int = 2,
+                    ranks: Ranks | None = None) -> Path:
+    """Write checkpoint `step` atomically and prune all but the newest `keep`; returns its folder.
+    Across ranks every rank calls it with its own shard of the engine state."""
+    if ranks is not None and ranks.world > 1:
+        return _save_sharded(run_dir, step, engine_state, trainer_state, keep=keep, ranks=ranks)
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     _check_disk(root, engine_state)
@@ -57,11 +66,99 @@ def save_checkpoint(run_dir: Path, step: int, engine_state: dict, trainer_state:
     return final
 
 
-def _check_disk(root: Path, engine_state: dict) -> None:
+def shard_files(shards: int) -> tuple[list[str], list[str]]:
+    """(weight files, moment files) of a checkpoint written by `shards` ranks."""
+    if shards == 1:
+        return ["model.safetensors"], ["optimizer.safetensors"]
+    return ([f"model-{r:05d}-of-{shards:05d}.safetensors" for r in range(shards)],
+            [f"optimizer-{r:05d}-of-{shards:05d}.safetensors" for r in range(shards)])
+
+
+def _expected_files(shards: int) -> set[str]:
+    weights, moments = shard_files(shards)
+    return {*weights, *moments, "rng.safetensors", "state.json"}
+
+
+def _save_sharded(run_dir: Path, step: int, engine_state: dict, trainer_state: dict, *, keep: int,
+                  ranks: Ranks) -> Path:
+    """Rank 0 makes the hidden folder, every rank writes its shard into it, rank 0 writes the
+    rest and the manifest and renames it into place. Every rank returns or raises alike."""
+    root = run_dir / "checkpoints"
+    tmp, problem = None, None
+    if ranks.main:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            _check_disk(root, engine_state, factor=ranks.world)
+            tmp = root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        except (OSError, CheckpointError) as exc:
+            problem = str(exc) if isinstance(exc, CheckpointError) else f"could not save checkpoint {step}: {exc}"
+    tmp_name, problem = ranks.broadcast((None if tmp is None else str(tmp), problem))
+    if problem:
+        raise CheckpointError(problem)
+    tmp = Path(tmp_name)
+    weights_files, moment_files = shard_files(ranks.world)
+    optimizer = dict(engine_state["optimizer"])
+    moments = {f"exp_avg/{n}": t for n, t in optimizer.pop("exp_avg").items()}
+    moments.update({f"exp_avg_sq/{n}": t for n, t in optimizer.pop("exp_avg_sq").items()})
+    try:
+        save_file(_contiguous(engine_state["weights"]), tmp / weights_files[ranks.rank])
+        save_file(_contiguous(moments), tmp / moment_files[ranks.rank])
+        for name in (weights_files[ranks.rank], moment_files[ranks.rank]):
+            _fsync(tmp / name)
+        mine = None
+    except (OSError, SafetensorError) as exc:
+        mine = f"could not save checkpoint {step} in {root}: {getattr(exc, 'strerror', None) or exc}"
+    reports = ranks.gather((mine, optimizer.get("param_steps", {})))
+    problems = [p for p, _ in reports if p]
+    final = root / checkpoint_name(step)
+    if ranks.main and not problems:
+        param_steps = {k: v for _, steps in reports for k, v in steps.items()}
+        optimizer.pop("param_steps", None)
+        if param_steps:
+            optimizer["param_steps"] = param_steps
+        try:
+            _write_common(tmp, step, optimizer, trainer_state, shards=ranks.world)
+            _commit(root, tmp, final, keep)
+        except (OSError, SafetensorError) as exc:
+            problems.append(f"could not save checkpoint {step} in {root}: {getattr(exc, 'strerror', None) or exc}")
+    problems = ranks.broadcast(problems)
+    if problems:
+        if ranks.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(problems[0])
+    return final
+
+
+def _write_common(tmp: Path, step: int, optimizer: dict, trainer_state: dict, *, shards: int) -> None:
+    """rng, state.json and (last) the manifest of a sharded checkpoint whose shards are written."""
+    rng_tensors, rng_json = _rng_state()
+    save_file(rng_tensors, tmp / "rng.safetensors")
+    state = {"format": FORMAT, "step": step, "optimizer": optimizer, "rng": rng_json, **trainer_state}
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    files = sorted(_expected_files(shards))
+    manifest = {"format": FORMAT, "step": step, "shards": shards, "files": {f: _describe(tmp / f) for f in files}}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    for f in ["rng.safetensors", "state.json", "manifest.json"]:
+        _fsync(tmp / f)
+
+
+def _commit(root: Path, tmp: Path, final: Path, keep: int) -> None:
+    old = root / f".old-{final.name}-{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    shutil.rmtree(old, ignore_errors=True)
+    _prune(root, keep)
+
+
+def _check_disk(root: Path, engine_state: dict, factor: int = 1) -> None:
     """Refuse to start a save that cannot fit (the moments and weights dominate its size)."""
     tensors = [*engine_state["weights"].values(), *engine_state["optimizer"]["exp_avg"].values(),
                *engine_state["optimizer"]["exp_avg_sq"].values()]
-    need = sum(t.numel() * t.element_size() for t in tensors) + (1 << 20)
+    need = sum(t.numel() * t.element_size() for t in tensors) * factor + (1 << 20)
     free = shutil.disk_usage(root).free
     if free < need:
         raise CheckpointError(f"not enough disk space to save a checkpoint in {root}: "
@@ -130,12 +227,21 @@ def load_weights(run_dir: Path, step: int | None = None) -> tuple[int, dict]:
 
 
 def _verified_weights(path: Path) -> dict:
-    _verify(path, {"model.safetensors": _read_manifest(path)["model.safetensors"]})
-    try:
-        return load_file(path / "model.safetensors")
-    except (OSError, ValueError, SafetensorError) as exc:
-        raise CheckpointError(f"checkpoint file {path / 'model.safetensors'} is unreadable "
-                              f"({type(exc).__name__})") from None
+    files = _read_manifest(path)
+    names = shard_files(_shards(files))[0]
+    _verify(path, {name: files[name] for name in names})
+    weights = {}
+    for name in names:
+        try:
+            weights.update(load_file(path / name))
+        except (OSError, ValueError, SafetensorError) as exc:
+            raise CheckpointError(f"checkpoint file {path / name} is unreadable ({type(exc).__name__})") from None
+    return weights
+
+
+def _shards(files: dict) -> int:
+    """How many ranks wrote a checkpoint whose manifest lists `files` (already validated)."""
+    return sum(1 for name in files if name.startswith("model")) if "model.safetensors" not in files else 1
 
 
 def _verify(path: Path, files: dict[str, dict]) -> None:
@@ -151,17 +257,22 @@ def _verify(path: Path, files: dict[str, dict]) -> None:
 
 def load_checkpoint(path: Path) -> tuple[dict, dict]:
     """Validate a checkpoint folder against its manifest and load it (no pickle anywhere)."""
-    _verify(path, _read_manifest(path))
+    files = _read_manifest(path)
+    _verify(path, files)
+    weight_files, moment_files = shard_files(_shards(files))
     current = path / "state.json"
     try:
         state = json.loads(current.read_text(encoding="utf-8"))
         if not isinstance(state, dict) or not isinstance(state.get("optimizer"), dict):
             raise ValueError("not a checkpoint state")
         int(state["step"])
-        current = path / "model.safetensors"
-        weights = load_file(current)
-        current = path / "optimizer.safetensors"
-        moments = load_file(current)
+        weights, moments = {}, {}
+        for name in weight_files:
+            current = path / name
+            weights.update(load_file(current))
+        for name in moment_files:
+            current = path / name
+            moments.update(load_file(current))
         current = path / "rng.safetensors"
         rng = load_file(current)
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
@@ -181,7 +292,10 @@ def _read_manifest(path: Path) -> dict[str, dict]:
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint file {manifest_path} is unreadable ({type(exc).__name__})") from None
     files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or set(files) != set(_FILES) or not all(
+    shards = manifest.get("shards", 1) if isinstance(manifest, dict) else None
+    if not isinstance(shards, int) or isinstance(shards, bool) or not 1 <= shards <= 1 << 16:
+        files = None
+    if not isinstance(files, dict) or set(files) != _expected_files(shards) or not all(
             isinstance(m, dict) and set(m) == {"bytes", "sha256"} for m in files.values()):
         raise CheckpointError(f"checkpoint file {manifest_path} is damaged (not a homestar manifest)")
     return files

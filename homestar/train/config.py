@@ -37,6 +37,9 @@ class RunConfig:
     """Sequences per draw from the token stream, fixed when the run starts (None: micro_batch).
     An out-of-memory recovery splits micro-batches but keeps drawing these, so the data order
     and the maths of every step stay those of the run's start."""
+    world: int = 1
+    """Ranks the run started on. micro_batch and data_micro_batch are per rank at that size, so a
+    draw of the global batch is draw_batch * world sequences whatever number of ranks resumes it."""
     seed: int
     save_every: int
     """Checkpoint every N steps (0: only when the run stops)."""
@@ -72,7 +75,7 @@ class RunConfig:
     format: int = 1
 
     def __post_init__(self) -> None:
-        positive = ("steps", "micro_batch", "accum", "eval_batches", "decay_steps", "keep_checkpoints")
+        positive = ("steps", "micro_batch", "accum", "eval_batches", "decay_steps", "keep_checkpoints", "world")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be a positive whole number, got {getattr(self, name)!r}")
@@ -109,7 +112,13 @@ class RunConfig:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.micro_batch * self.accum * self.seq_len
+        """Tokens of one optimizer step over all ranks."""
+        return self.micro_batch * self.accum * self.world * self.seq_len
+
+    @property
+    def global_draw(self) -> int:
+        """Sequences of one draw of the global batch (shared among the ranks)."""
+        return self.draw_batch * self.world
 
     def save(self, run_dir: Path) -> None:
         """Write config.json atomically."""

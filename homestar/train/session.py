@@ -2,6 +2,8 @@
 
 Everything that can fail on bad input (preset, flags, data, checkpoint) is checked before the run
 folder is created or touched, so a refused command leaves the disk as it was.
+Under torchrun every rank builds the same model and engine; rank 0 alone picks and writes the run
+folder (config, tokenizer, lock, metrics) and the others follow the folder it names.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from homestar.train import events as ev
 from homestar.train.build import build_engine, build_model, load_run_data, RunData, resolve_device, resolve_precision
 from homestar.train.checkpoint import load_latest, restore_rng
 from homestar.train.config import RunConfig
+from homestar.train.distributed import Ranks, join_from_env, leave
 from homestar.train.lock import RunLock
 from homestar.train.runs import remember_run
 from homestar.train.trainer import Progress, Trainer
@@ -172,6 +175,7 @@ class Session:
             for sink in self.sinks_to_close:
                 sink.close()
             self.lock.release()
+            leave()
 
 
 def start_run(request: TrainRequest, sinks: list) -> Session:
@@ -179,8 +183,12 @@ def start_run(request: TrainRequest, sinks: list) -> Session:
     from homestar.paths import cache_dir
 
     config = make_config(request, name="")
-    run_dir = _new_run_dir(request, config.preset)
+    ranks = _join(config)
+    config.world = ranks.world
+    run_dir = Path(ranks.broadcast(str(_new_run_dir(request, config.preset)) if ranks.main else None))
     source = resolve_source(request.data)
+    if not ranks.main:
+        ranks.barrier()  # rank 0 builds the tokenizer and token caches first; the others read them
     tokenizer_path = Path(request.tokenizer).expanduser() if request.tokenizer else None
     if config.init_from:
         from homestar.hf import read_tokenizer
@@ -190,22 +198,51 @@ def start_run(request: TrainRequest, sinks: list) -> Session:
         tokenizer = load_tokenizer(source, config.model["vocab_size"], cache_dir=cache_dir(),
                                    tokenizer_path=tokenizer_path)
     tokens = load_tokens(source, tokenizer, cache_dir=cache_dir())
+    if ranks.main:
+        ranks.barrier()
     _check_enough_tokens(tokens.train, tokens.val, config)
     config.name = run_dir.name
     config.data = {"source": source.spec, "kind": source.kind, "description": source.description,
                    "fingerprint": source.fingerprint}
     config.tokenizer_hash = tokenizer_hash(tokenizer)
     model = build_model(config)
-    engine = build_engine(config, model)
+    engine = _distributed_engine(config, model, ranks)
     if config.init_from:
         _load_init_weights(engine, config)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(run_dir).acquire()
-    config.save(run_dir)
-    remember_run(run_dir)
-    tokenizer.save(str(run_dir / "tokenizer.json"))
+    lock = _NoLock()
+    if ranks.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(run_dir).acquire()
+        config.save(run_dir)
+        remember_run(run_dir)
+        tokenizer.save(str(run_dir / "tokenizer.json"))
+    ranks.barrier()
     data = RunData(tokenizer=tokenizer, train=tokens.train, val=tokens.val)
-    return _session(config, run_dir, engine, model, data, sinks, lock, Progress(), resumed=False)
+    return _session(config, run_dir, engine, model, data, sinks, lock, Progress(), resumed=False, ranks=ranks)
+
+
+class _NoLock:
+    """The lock of a rank other than 0 (rank 0 holds the run folder's lock for all)."""
+
+    def release(self) -> None:
+        pass
+
+
+def _join(config: RunConfig) -> Ranks:
+    ranks = join_from_env(config.device)
+    if ranks.world > 1 and config.runtime == "torch":
+        raise ConfigError("--runtime torch trains on one process; use --runtime chunked under torchrun")
+    return ranks
+
+
+def _distributed_engine(config: RunConfig, model, ranks: Ranks):
+    """The run's engine, sharing the optimizer's work among the ranks when there are several."""
+    engine = build_engine(config, model)
+    if ranks.world > 1:
+        from homestar.runtime.collectives import Collective
+
+        engine.distribute(Collective.current())
+    return engine
 
 
 def resume_run(run_dir: Path, sinks: list, *, steps: int | None = None) -> Session:
@@ -213,7 +250,8 @@ def resume_run(run_dir: Path, sinks: list, *, steps: int | None = None) -> Sessi
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir} is not a folder")
     config = RunConfig.load(run_dir)
-    lock = RunLock(run_dir).acquire()
+    ranks = _join(config)
+    lock = RunLock(run_dir).acquire() if ranks.main else _NoLock()
     try:
         from homestar.train.checkpoint import list_checkpoints
 
@@ -230,7 +268,7 @@ def resume_run(run_dir: Path, sinks: list, *, steps: int | None = None) -> Sessi
             raise ConfigError(f"{run_dir.name} is already at step {progress.step}; pass --steps N with N above it")
         data = load_run_data(config, run_dir)
         model = build_model(config)
-        engine = build_engine(config, model)
+        engine = _distributed_engine(config, model, ranks)
         if loaded is not None:
             try:
                 engine.load_state_dict(loaded[0])
@@ -240,12 +278,14 @@ def resume_run(run_dir: Path, sinks: list, *, steps: int | None = None) -> Sessi
         elif config.init_from:  # stopped before its first checkpoint: start from the folder again
             _load_init_weights(engine, config)
         config.steps = target
-        config.save(run_dir)
-        ev.truncate_events(run_dir / "metrics.jsonl", progress.step)
+        if ranks.main:
+            config.save(run_dir)
+            ev.truncate_events(run_dir / "metrics.jsonl", progress.step)
+        ranks.barrier()
     except BaseException:
         lock.release()
         raise
-    return _session(config, run_dir, engine, model, data, sinks, lock, progress, resumed=True)
+    return _session(config, run_dir, engine, model, data, sinks, lock, progress, resumed=True, ranks=ranks)
 
 
 def _load_init_weights(engine, config: RunConfig) -> None:
@@ -261,14 +301,16 @@ def _load_init_weights(engine, config: RunConfig) -> None:
     engine.load_state_dict({"weights": weights, "optimizer": {"step": 0, "exp_avg": {}, "exp_avg_sq": {}}})
 
 
-def _session(config, run_dir, engine, model, data, sinks, lock, progress, *, resumed) -> Session:
-    jsonl = ev.JsonlSink(run_dir / "metrics.jsonl")
+def _session(config, run_dir, engine, model, data, sinks, lock, progress, *, resumed,
+             ranks: Ranks | None = None) -> Session:
     from homestar.model import GPTConfig
 
+    ranks = ranks or Ranks()
+    own = [ev.JsonlSink(run_dir / "metrics.jsonl")] if ranks.main else []  # rank 0 alone reports
     trainer = Trainer(config=config, run_dir=run_dir, engine=engine, model=model, data=data,
-                      sinks=[jsonl, *sinks], progress=progress,
-                      flops_per_token=GPTConfig(**config.model).flops_per_token())
-    return Session(trainer=trainer, lock=lock, sinks_to_close=[jsonl], resumed=resumed)
+                      sinks=[*own, *sinks] if ranks.main else [], progress=progress,
+                      flops_per_token=GPTConfig(**config.model).flops_per_token(), ranks=ranks)
+    return Session(trainer=trainer, lock=lock, sinks_to_close=own, resumed=resumed)
 
 
 def _check_enough_tokens(train, val, config: RunConfig) -> None:

@@ -2,6 +2,11 @@
 
 Knows the Engine protocol (engine.py) and nothing of how an engine places memory. Stops cleanly on
 SIGINT/SIGTERM and on the run folder's control file (the app's pause/save/stop keys), saving first.
+
+Across ranks (torchrun): every step's global batch is the same sequences whatever the number of
+ranks (a draw of draw_batch * world sequences; rank r trains on rows r*draw_batch...), so N ranks
+at micro-batch m compute what one rank at micro-batch N*m does. Rank 0 decides stops and pauses
+for all; only its sinks are given events; losses are averaged over ranks.
 """
 
 from __future__ import annotations
@@ -18,10 +23,11 @@ import torch
 
 from homestar.train import events as ev
 from homestar.train import faults
-from homestar.errors import CheckpointError
+from homestar.errors import CheckpointError, ConfigError
 from homestar.train.checkpoint import save_checkpoint
 from homestar.train.config import RunConfig
 from homestar.train.control import Control
+from homestar.train.distributed import Ranks
 from homestar.train import memory_guard as guards
 from homestar.train.memory_guard import MemoryGuard, default_threshold
 from homestar.train.recovery import discard_grads, free_cached_memory, is_out_of_memory, smaller_micro_batch
@@ -43,17 +49,21 @@ class Progress:
 
 class Trainer:
     def __init__(self, *, config: RunConfig, run_dir: Path, engine, model, data, sinks: list[Callable],
-                 progress: Progress | None = None, flops_per_token: float):
+                 progress: Progress | None = None, flops_per_token: float, ranks: Ranks | None = None):
         from homestar.data import TokenStream
 
         self.config, self.run_dir, self.engine, self.model, self.data = config, run_dir, engine, model, data
+        self.ranks = ranks or Ranks()
+        self.tokens_per_step = config.tokens_per_step
+        self.rows, self.micro, self.local_accum = self._share(config)
         self.sinks = sinks
         self.progress = progress or Progress()
         self.flops_per_token = flops_per_token
         self.schedule = Schedule(lr=config.lr, min_lr=config.min_lr, warmup_steps=config.warmup_steps,
                                  decay_steps=config.decay_steps)
-        self.stream = TokenStream(data.train, seq_len=config.seq_len, micro_batch=config.draw_batch,
-                                  seed=config.seed)
+        # one global stream (the same on every rank): its cursor means the same at any world size
+        self.stream = TokenStream(data.train, seq_len=config.seq_len,
+                                  micro_batch=config.global_draw, seed=config.seed)
         if self.progress.data:
             self.stream.load_state_dict(self.progress.data)
         self.control = Control(run_dir)
@@ -76,7 +86,7 @@ class Trainer:
         """Train to config.steps (or until asked to stop); returns "finished" or "stopped"."""
         cfg = self.config
         self.emit(ev.Start(time=self._now(), step=self.progress.step, run=self.run_dir.name, preset=cfg.preset,
-                           params=cfg.params, total_steps=cfg.steps, tokens_per_step=cfg.tokens_per_step,
+                           params=cfg.params, total_steps=cfg.steps, tokens_per_step=self.tokens_per_step,
                            runtime=cfg.runtime, device=cfg.device, precision=cfg.precision, resumed=resumed))
         self._maybe_chunks(force=True)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -92,16 +102,17 @@ class Trainer:
 
     def _loop(self) -> str:
         while self.progress.step < self.config.steps:
-            action = self.control.poll()
+            action, extend_to = self.ranks.broadcast((self.control.poll(), self.control.extend_to))
             if action == "stop":
                 return "stopped"
             if action == "save":
                 self.save()
-            if action == "pause" and self._pause() == "stop":
+            if action == "pause" and self.ranks.broadcast(self._pause() if self.ranks.main else None) == "stop":
                 return "stopped"
-            if self.control.extend_to:
-                self._extend(self.control.extend_to)
-            if self.memory_guard.short() and self._wait_for_memory() == "stop":
+            if extend_to:
+                self._extend(extend_to)
+            short = self.ranks.main and self.memory_guard.short()
+            if self.ranks.broadcast(short and self._wait_for_memory() == "stop"):
                 return "stopped"
             self.train_step()
             self._after_step()
@@ -116,12 +127,12 @@ class Trainer:
         lr = self.schedule(step)
         report = self.engine.step(lr)
         faults.reach("step")
-        loss = float(torch.stack(losses).float().mean())  # note: CPU-GPU sync, once per optimizer step
+        loss = float(self.ranks.mean(torch.stack(losses).float().mean()))  # note: CPU-GPU sync, once per step
         elapsed = time.perf_counter() - t0
         self.progress.step = step + 1
-        self.progress.tokens += cfg.tokens_per_step
+        self.progress.tokens += self.tokens_per_step
         self.progress.data = self.stream.state_dict()
-        tok_s = cfg.tokens_per_step / elapsed
+        tok_s = self.tokens_per_step / elapsed
         memory = self.engine.memory()
         self.emit(ev.Step(time=self._now(), step=self.progress.step, loss=loss, lr=lr, tokens=self.progress.tokens,
                           tok_s=tok_s, tflops=tok_s * self.flops_per_token / 1e12, gpu_mem=memory["gpu_mem"],
@@ -135,16 +146,41 @@ class Trainer:
         cfg = self.config
         losses = []
         for k in range(first_draw, first_draw + cfg.micro_batch * cfg.accum // cfg.draw_batch):
-            x, y = self.stream.batch_at(k)
-            for xs, ys in zip(x.split(cfg.micro_batch), y.split(cfg.micro_batch)):
-                losses.append(self.engine.forward_backward(xs, ys, cfg.accum))
+            x, y = self._my_rows(*self.stream.batch_at(k))
+            for xs, ys in zip(x.split(self.micro), y.split(self.micro)):
+                # grads of loss / (micro-batches per rank * world), summed over ranks by the
+                # engine: the mean over the global batch, whatever the number of ranks
+                losses.append(self.engine.forward_backward(xs, ys, self.local_accum * self.ranks.world))
                 faults.reach("micro-batch")
         faults.maybe_oom(step_number)
         return losses
 
+    def _share(self, cfg: RunConfig) -> tuple[int, int, int]:
+        """(rows of each global draw this rank trains on, its micro-batch, its micro-batches per
+        step). A run resumed on another number of ranks keeps its global batch: each rank's
+        share changes, and the micro-batch shrinks to a divisor of it if needed."""
+        world = self.ranks.world
+        if cfg.global_draw % world:
+            raise ConfigError(f"this run draws {cfg.global_draw} sequences at a time, which {world} "
+                              f"processes cannot share evenly; use a number of processes that divides it")
+        rows = cfg.global_draw // world
+        micro = math.gcd(cfg.micro_batch, rows)
+        draws = cfg.micro_batch * cfg.accum // cfg.draw_batch
+        return rows, micro, draws * rows // micro
+
+    def _my_rows(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's rows of a global draw (views, no copy)."""
+        if self.rows == len(x):
+            return x, y
+        rows = slice(self.ranks.rank * self.rows, (self.ranks.rank + 1) * self.rows)
+        return x[rows], y[rows]
+
     def _recovering(self, work: Callable):
         """Run `work`; on running out of GPU or pinned memory, shrink the micro-batch and redo it.
-        Gives up (re-raises) when the micro-batch is already 1."""
+        Gives up (re-raises) when the micro-batch is already 1, or across ranks (they would have
+        to agree on the new shape)."""
+        if self.ranks.world > 1:
+            return work()
         while True:
             try:
                 return work()
@@ -165,6 +201,7 @@ class Trainer:
         free_cached_memory(cfg.device)
         cfg.data_micro_batch = cfg.draw_batch
         cfg.micro_batch, cfg.accum = new_micro, old_accum * (old_micro // new_micro)
+        self.rows, self.micro, self.local_accum = self._share(cfg)
         cfg.save(self.run_dir)
         self.emit(ev.Status(time=self._now(), step=self.progress.step, state="oom-recovered",
                             message=f"out of memory ({reason}); micro-batch {old_micro} -> {new_micro}, "
@@ -186,9 +223,9 @@ class Trainer:
         from homestar.data import TokenStream
 
         cfg = self.config
-        stream = TokenStream(self.data.val, seq_len=cfg.seq_len, micro_batch=cfg.draw_batch, seed=cfg.seed + 1,
-                             split="validation")
-        total = self._recovering(lambda: self._eval_total(stream, stream.batches))
+        stream = TokenStream(self.data.val, seq_len=cfg.seq_len, micro_batch=cfg.global_draw,
+                             seed=cfg.seed + 1, split="validation")
+        total = self.ranks.mean(self._recovering(lambda: self._eval_total(stream, stream.batches)))
         loss = float(total) / cfg.eval_batches
         self.emit(ev.Eval(time=self._now(), step=self.progress.step, loss=loss))
         return loss
@@ -197,10 +234,10 @@ class Trainer:
         """Sum over the eval draws of each draw's mean loss (micro-batch pieces averaged)."""
         cfg, total = self.config, torch.zeros(())
         for k in range(first, first + cfg.eval_batches):
-            x, y = stream.batch_at(k)
+            x, y = self._my_rows(*stream.batch_at(k))
             # note: sync per eval micro-batch (.cpu())
             pieces = [self.engine.eval_loss(xs, ys).float().cpu()
-                      for xs, ys in zip(x.split(cfg.micro_batch), y.split(cfg.micro_batch))]
+                      for xs, ys in zip(x.split(self.micro), y.split(self.micro))]
             total += pieces[0] if len(pieces) == 1 else torch.stack(pieces).mean()
         return total
 
@@ -218,7 +255,7 @@ class Trainer:
         progress = {"tokens": self.progress.tokens, "data": self.progress.data}
         try:
             path = save_checkpoint(self.run_dir, self.progress.step, self.engine.state_dict(), progress,
-                                   keep=self.config.keep_checkpoints)
+                                   keep=self.config.keep_checkpoints, ranks=self.ranks)
         except CheckpointError as exc:
             if final:
                 raise
