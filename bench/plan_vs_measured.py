@@ -1,0 +1,53 @@
+"""Compare the planner's predicted GPU and host peaks with what `homestar bench` measures.
+
+For each preset and GPU budget, take the plan's own settings (micro-batch, chunk size, host chunk
+budget), run the chunk runtime on synthetic tokens, and print predicted vs measured peaks.
+
+    python bench/plan_vs_measured.py --budgets 8 24 --presets 350m 0.7b 1.3b 2.7b 4b 6.7b
+    python bench/plan_vs_measured.py --device cpu --budgets 0.05 --presets debug --steps 2   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+
+def homestar(*args: str) -> list[dict]:
+    out = subprocess.run([sys.executable, "-m", "homestar", *args], capture_output=True, text=True)
+    if out.returncode != 0:
+        return [{"status": "error", "message": (out.stderr.strip().splitlines() or ["?"])[-1]}]
+    text = out.stdout.strip()
+    return json.loads(text) if text.startswith("[") else [json.loads(line) for line in text.splitlines()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--budgets", type=float, nargs="+", default=[8.0, 24.0])
+    parser.add_argument("--presets", nargs="+", default=["350m", "0.7b", "1.3b", "2.7b", "4b", "6.7b"])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    print("preset budget fits  gpu_pred gpu_meas  host_pred host_meas  tok_s  status")
+    for budget in args.budgets:
+        plans = {p["preset"]: p for p in homestar("plan", "--device", args.device, "--gpu-mem-gib", str(budget), "--json")}
+        for name in args.presets:
+            plan = plans.get(name)
+            if plan is None or plan.get("fits") == "no":
+                print(f"{name:6} {budget:6g} {plan and plan.get('fits')}: skipped (the plan says it does not fit)")
+                continue
+            flags = ["bench", "--json", "--preset", name, "--device", args.device, "--gpu-mem-gib", str(budget),
+                     "--micro-batch", str(plan["micro_batch"]), "--chunk-elems", str(plan["chunk_elems"]),
+                     "--steps", str(args.steps), "--warmup", "1"]
+            if plan.get("cpu_mem_gib"):
+                flags += ["--cpu-mem-gib", str(plan["cpu_mem_gib"])]
+            result = homestar(*flags)[0]
+            print(f"{name:6} {budget:6g} {plan['fits']:5} {plan['gpu_peak_gib']:8.2f} {result.get('gpu_peak_gib', 0):8.2f}"
+                  f"  {plan['cpu_peak_gib']:9.2f} {result.get('cpu_peak_gib', 0):9.2f}  {result.get('tok_s', 0):6.0f}"
+                  f"  {result.get('status')} {result.get('message', '')}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
