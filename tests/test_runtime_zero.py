@@ -93,3 +93,28 @@ def test_each_rank_allocates_only_its_groups_optimizer_state(tmp_path, precision
     tol = dict(rtol=1e-4, atol=1e-5) if precision == "fp32" else dict(rtol=2e-2, atol=2e-3)
     for name, tensor in whole["weights"].items():
         torch.testing.assert_close(merged[name], tensor, **tol, msg=name)
+
+
+def test_host_budget_counts_only_owned_groups_state():
+    """A host budget that holds one rank's share but not the whole optimizer state: attach fails
+    on one process and fits on rank 0 of 2, with every group homed on the host."""
+    from homestar.errors import BudgetError
+    from homestar.runtime.attach import plan_chunks
+
+    setup = Setup()
+    model = make_model(setup)
+    sizes = [(name, p.numel()) for name, p in model.named_parameters()]
+    comm = Collective(rank=0, world=WORLD)
+    _, mine = plan_chunks(sizes, _config("fp32"), None, comm)
+    _, whole = plan_chunks(sizes, _config("fp32"), None)
+    need = sum(g.total for g in mine)
+    assert need < sum(g.total for g in whole)
+    config = RuntimeConfig(device="cpu", chunk_elems=CHUNK, cpu_budget_bytes=need, gpu_budget_bytes=need // 4,
+                           optimizer_placement="host")
+    with pytest.raises(BudgetError):
+        attach(copy.deepcopy(model), config, optim_config(setup))
+    engine = attach(copy.deepcopy(model), config, optim_config(setup), collective=comm)
+    assert engine.stats()["device_groups"] == [] and engine.memory()["cpu_mem"] == need
+    with pytest.raises(ValueError):  # its state is rank 0's of 2: it cannot serve one process
+        engine.distribute(Collective())
+    engine.close()
