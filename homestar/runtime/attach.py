@@ -4,7 +4,10 @@ Steps: list the parameters once each (tied ones under their first name), choose 
 (capped by the device budget, so a large model streams small chunks) and layout, decide which chunk groups live on the device (BudgetError if the model cannot fit
 in both budgets), allocate every chunk in its home, copy each parameter in (fp32 master, cast
 param copy), then point the parameters at NaN placeholders so the original tensors are freed as
-the copy proceeds. A model built on the meta device is initialised one parameter at a time
+the copy proceeds. Given a `Collective` of several ranks (group-owner ZeRO), this rank allocates
+fp32 master and Adam moment chunks only for the groups it owns (group g: rank g % world) and
+plans its budgets for those alone; param and grad chunks exist for every group (compute reads
+every param, and each grad chunk is accumulated here before it is reduced onto its owner). A model built on the meta device is initialised one parameter at a time
 through `init_fn(name, tensor)`, so no full fp32 copy ever exists outside the chunks. Buffers
 move to the compute device. Knows nothing of GPT, data or the trainer.
 """
@@ -20,6 +23,7 @@ from homestar.errors import ConfigError
 from homestar.optim import OptimConfig, no_decay as default_no_decay
 from homestar.runtime.binding import ParamInfo, ParamTable
 from homestar.runtime.chunk import Chunk, ChunkGroup, Kind
+from homestar.runtime.collectives import Collective
 from homestar.runtime.config import RuntimeConfig
 from homestar.runtime.engine import ChunkedEngine, LossFn, default_loss
 from homestar.runtime.homes import GroupBytes, plan_homes
@@ -41,21 +45,24 @@ def attach(
     loss_fn: LossFn | None = None,
     no_decay: Callable[[str, torch.Tensor], bool] = default_no_decay,
     init_fn: InitFn | None = None,
+    collective: Collective | None = None,
 ) -> ChunkedEngine:
     """Take over `model`'s parameters and return its ChunkedEngine.
 
     `init_fn(name, tensor)` fills an fp32 CPU tensor in place for a parameter still on the meta
-    device; required when the model was built there, ignored otherwise.
+    device; required when the model was built there, ignored otherwise. `collective`: this
+    process's rank among those sharing the optimizer's work (default: one process, all state here).
     """
+    comm = collective or Collective()
     named = _unique_parameters(model)
     device = _device_space(config)
     host = HostMemory(config.cpu_budget_bytes, pin=config.device == "cuda")
-    layout, group_bytes = plan_chunks([(name, p.numel()) for name, p in named], config, device.budget)
+    layout, group_bytes = plan_chunks([(name, p.numel()) for name, p in named], config, device.budget, comm)
     homes = plan_homes(
         group_bytes, gpu_cap=_cap(device.budget), cpu_cap=_cap(host.budget),
         nonmodel=config.nonmodel_estimate_bytes or 0, policy=config.optimizer_placement, fill=False,
     )
-    groups, chunks = _make_groups(layout, config, homes)
+    groups, chunks = _make_groups(layout, config, homes, comm)
     placement = Placement(chunks, device, host, Tracer(), prefetch_depth=config.prefetch_depth,
                           headroom=config.nonmodel_headroom, estimate=config.nonmodel_estimate_bytes or 0)
     for chunk in chunks:
@@ -72,6 +79,7 @@ def attach(
         table.unbind(info)  # the original tensor is freed here (unless referenced elsewhere)
     _move_buffers(model, device.device)
     adamw = ChunkAdamW(table, groups, placement, optim)
+    adamw.collective = comm
     return ChunkedEngine(
         model=model, config=config, table=table, groups=groups, group_bytes=group_bytes,
         placement=placement, host=host, tracer=placement.tracer, adamw=adamw,
@@ -96,9 +104,10 @@ def _device_space(config: RuntimeConfig) -> DeviceSpace:
     return CudaDevice(config.gpu_budget_bytes)
 
 
-def plan_chunks(sizes: list[tuple[str, int]], config: RuntimeConfig, budget: int | None) -> tuple[Layout, list[GroupBytes]]:
+def plan_chunks(sizes: list[tuple[str, int]], config: RuntimeConfig, budget: int | None,
+                collective: Collective | None = None) -> tuple[Layout, list[GroupBytes]]:
     """The layout attach uses for (name, numel) pairs under a device budget, and each chunk
-    group's bytes; allocates nothing. The configured chunk size, or the least-waste size under a
+    group's bytes on `collective`'s rank (optimizer state only for owned groups); allocates nothing. The configured chunk size, or the least-waste size under a
     cap derived from the budget (a parameter above the cap, such as a large embedding, gets a
     chunk of its own)."""
     if config.chunk_elems is not None:
@@ -110,7 +119,7 @@ def plan_chunks(sizes: list[tuple[str, int]], config: RuntimeConfig, budget: int
                                                          floor=floor)
         chunk_elems = choose_chunk_elems(sizes, align=config.align_elems, max_elems=cap)
     layout = plan_layout(sizes, chunk_elems, align=config.align_elems, oversize=True)
-    return layout, _group_bytes(layout, config)
+    return layout, _group_bytes(layout, config, collective or Collective())
 
 
 def working_set_bytes_per_elem(config: RuntimeConfig) -> int:
@@ -120,16 +129,18 @@ def working_set_bytes_per_elem(config: RuntimeConfig) -> int:
     return (2 + config.prefetch_depth) * config.compute_dtype.itemsize + 2 * 4
 
 
-def _group_bytes(layout: Layout, config: RuntimeConfig) -> list[GroupBytes]:
+def _group_bytes(layout: Layout, config: RuntimeConfig, comm: Collective) -> list[GroupBytes]:
     out = []
     for index in range(layout.n_chunks):
         elems = layout.chunk_numel(index)
-        rest = (3 if config.mixed else 2) * 4 * elems  # master (when separate) + two moments
+        # master (when separate) + two moments, on the owner alone
+        rest = (3 if config.mixed else 2) * 4 * elems if comm.owns(index) else 0
         out.append(GroupBytes(param=elems * config.compute_dtype.itemsize, grad=4 * elems, rest=rest))
     return out
 
 
-def _make_groups(layout: Layout, config: RuntimeConfig, homes: list[bool]) -> tuple[list[ChunkGroup], list[Chunk]]:
+def _make_groups(layout: Layout, config: RuntimeConfig, homes: list[bool],
+                 comm: Collective) -> tuple[list[ChunkGroup], list[Chunk]]:
     chunks: list[Chunk] = []
 
     def new(kind: Kind, index: int, dtype: torch.dtype, home: str) -> Chunk:
@@ -143,11 +154,12 @@ def _make_groups(layout: Layout, config: RuntimeConfig, homes: list[bool]) -> tu
         home = "device" if on_device else "host"
         param = new(Kind.PARAM, index, config.compute_dtype, home)
         grad = new(Kind.GRAD, index, torch.float32, home)
-        master = new(Kind.MASTER, index, torch.float32, home) if config.mixed else param
+        owned = comm.owns(index)  # another rank's group: no master, no moments here
+        master = new(Kind.MASTER, index, torch.float32, home) if config.mixed and owned else param
         groups.append(ChunkGroup(
             index=index, param=param, grad=grad, master=master,
-            exp_avg=new(Kind.EXP_AVG, index, torch.float32, home),
-            exp_avg_sq=new(Kind.EXP_AVG_SQ, index, torch.float32, home),
+            exp_avg=new(Kind.EXP_AVG, index, torch.float32, home) if owned else None,
+            exp_avg_sq=new(Kind.EXP_AVG_SQ, index, torch.float32, home) if owned else None,
             optimizer_on_device=on_device,
         ))
     return groups, chunks

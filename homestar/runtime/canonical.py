@@ -4,7 +4,9 @@ Canonical state is what every engine saves and loads: {"weights": {name: fp32 CP
 "optimizer": {"step": int, "exp_avg": {name: ...}, "exp_avg_sq": {name: ...}, extras}}, names as
 `model.named_parameters()` lists them (tied parameters once). Moments appear for parameters
 that have optimizer state (torch's rule: a parameter that never had a gradient has none).
-Extras: "param_steps" when parameters' step counts differ, the fp16 loss scale.
+Extras: "param_steps" when parameters' step counts differ, the fp16 loss scale. Across ranks
+(group-owner ZeRO) a rank loads every parameter's weights but moments and step counts only for the
+groups it owns: the others have no chunks for them here.
 Knows nothing of files, models or the trainer.
 """
 
@@ -40,7 +42,7 @@ def export_state(table: ParamTable, adamw: ChunkAdamW, placement: Placement, sca
             continue
         weights[info.name] = read(info.group.master, info)
         step = adamw.param_step(info)
-        if step > 0:
+        if step > 0 and info.group.has_state:
             steps[info.name] = step
             exp_avg[info.name] = read(info.group.exp_avg, info)
             exp_avg_sq[info.name] = read(info.group.exp_avg_sq, info)
@@ -66,6 +68,8 @@ def import_state(state: dict, table: ParamTable, adamw: ChunkAdamW, placement: P
         _write(placement, group.master, info, weights[info.name])
         if group.param is not group.master:
             _write(placement, group.param, info, weights[info.name])
+        if not group.has_state:
+            continue  # another rank owns the group: its master and moments live there
         has_state = info.name in exp_avg and info.name in exp_avg_sq
         for chunk, source in ((group.exp_avg, exp_avg), (group.exp_avg_sq, exp_avg_sq)):
             _write(placement, chunk, info, source[info.name] if has_state else None)

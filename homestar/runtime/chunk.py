@@ -144,21 +144,33 @@ class Chunk:
 
 @dataclass(eq=False, slots=True)
 class ChunkGroup:
-    """Chunk i of every kind; in fp32 the param chunk doubles as the master chunk."""
+    """Chunk i of every kind; in fp32 the param chunk doubles as the master chunk.
+
+    A group another rank owns (group-owner ZeRO) has no optimizer state here: no master chunk of
+    its own (`master` is the param chunk) and no moment chunks (None), so none is allocated."""
 
     index: int
     param: Chunk
     grad: Chunk
     master: Chunk
-    exp_avg: Chunk
-    exp_avg_sq: Chunk
+    exp_avg: Chunk | None
+    exp_avg_sq: Chunk | None
     optimizer_on_device: bool = False
     """True when every chunk of the group lives on the device and AdamW runs there."""
 
+    @property
+    def has_state(self) -> bool:
+        """Whether this rank keeps the group's optimizer state (it owns the group)."""
+        return self.exp_avg is not None
+
     def chunks(self) -> list[Chunk]:
-        """Distinct chunks of the group (param is master in fp32)."""
+        """Distinct chunks of the group (param is master in fp32; absent moments left out)."""
         out = [self.param, self.grad, self.master, self.exp_avg, self.exp_avg_sq]
-        return [c for i, c in enumerate(out) if all(c is not d for d in out[:i])]
+        return [c for i, c in enumerate(out) if c is not None and all(c is not d for d in out[:i])]
+
+    def optimizer_chunks(self) -> list[Chunk]:
+        """The chunks of optimizer state held here: master (when separate) and both moments."""
+        return [c for c in self.chunks() if c is not self.param and c is not self.grad]
 
     def state_chunks(self) -> list[Chunk]:
         """The chunks only the optimizer reads: grad, master (when separate), moments."""

@@ -149,7 +149,13 @@ class ChunkedEngine:
     # -- extras ---------------------------------------------------------------------------
     def distribute(self, collective: Collective) -> None:
         """Share the optimizer's work among `collective`'s ranks (group-owner ZeRO); every rank's
-        engine must be built alike and given its collective before the first step."""
+        engine must be built alike and given its collective before the first step. Passing the
+        collective to `attach` instead also divides the optimizer state's memory among the ranks;
+        an engine built that way only accepts the same rank and world here."""
+        if any(not g.has_state for g in self.groups) and (collective.rank, collective.world) != (
+                self.adamw.collective.rank, self.adamw.collective.world):
+            raise ValueError(f"this engine holds optimizer state for rank {self.adamw.collective.rank} of "
+                             f"{self.adamw.collective.world}, not rank {collective.rank} of {collective.world}")
         self.adamw.collective = collective
 
     @property
@@ -158,13 +164,16 @@ class ChunkedEngine:
 
     def stats(self) -> dict:
         """Counters for tests and benchmarks: fetches, evictions, write-backs, prefetches,
-        peak accounted device bytes, the device budget and which groups live on the device."""
+        peak accounted device bytes, the device budget, which groups live on the device, which
+        groups have optimizer state here and the bytes of that state (master when separate, moments)."""
         return {
             **self.placement.stats,
             "peak_device_bytes": self.placement.peak_device,
             "device_budget": self.placement.device.budget,
             "allocator_peak_bytes": self.placement.device.allocator_peak(),
             "device_groups": [g.index for g in self.groups if g.optimizer_on_device],
+            "state_groups": [g.index for g in self.groups if g.has_state],
+            "optimizer_state_bytes": sum(c.nbytes for g in self.groups for c in g.optimizer_chunks()),
         }
 
     # -- internals ------------------------------------------------------------------------

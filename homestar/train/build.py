@@ -61,8 +61,10 @@ def cap_gpu_memory(config: RunConfig) -> None:
     torch.cuda.set_per_process_memory_fraction(wanted / total)
 
 
-def build_engine(config: RunConfig, model):
-    """The engine that trains `model`: the chunk runtime, or plain PyTorch for --runtime torch."""
+def build_engine(config: RunConfig, model, collective=None):
+    """The engine that trains `model`: the chunk runtime, or plain PyTorch for --runtime torch.
+    `collective` (a runtime `Collective`): this rank among several; each keeps optimizer state
+    only for the chunk groups it owns."""
     optim = optim_config(config)
     cap_gpu_memory(config)
     if config.runtime == "torch":
@@ -82,7 +84,7 @@ def build_engine(config: RunConfig, model):
         chunk_elems=config.chunk_elems,
         precision=config.precision,
     )
-    return attach(model, runtime, optim)
+    return attach(model, runtime, optim, collective=collective)
 
 
 def _host_budget(config: RunConfig, from_cap: int | None) -> int | None:

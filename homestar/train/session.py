@@ -236,13 +236,13 @@ def _join(config: RunConfig) -> Ranks:
 
 
 def _distributed_engine(config: RunConfig, model, ranks: Ranks):
-    """The run's engine, sharing the optimizer's work among the ranks when there are several."""
-    engine = build_engine(config, model)
-    if ranks.world > 1:
-        from homestar.runtime.collectives import Collective
+    """The run's engine, sharing the optimizer's work (and its state's memory) among the ranks
+    when there are several: the collective is known before attach allocates any chunk."""
+    if ranks.world == 1 or config.runtime == "torch":
+        return build_engine(config, model)
+    from homestar.runtime.collectives import Collective
 
-        engine.distribute(Collective.current())
-    return engine
+    return build_engine(config, model, Collective.current())
 
 
 def resume_run(run_dir: Path, sinks: list, *, steps: int | None = None) -> Session:

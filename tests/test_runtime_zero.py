@@ -1,0 +1,120 @@
+"""Group-owner ZeRO memory: across 2 gloo ranks each rank allocates fp32 master and Adam moment
+chunks only for the chunk groups it owns, and training still matches one process.
+
+Each rank attaches the same small GPT with its `Collective`, trains on its half of every batch
+(loss divided by 2, so the summed grads are the full batch's mean) and reports its stats, host
+bytes and state-dict shard; the test compares them with one process on the whole batch.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from homestar.runtime import RuntimeConfig, attach
+from homestar.runtime.collectives import Collective
+from runtime_helpers import CHUNK, Setup, batches, lr_at, make_model, one_thread, optim_config  # noqa: F401
+
+WORLD = 2
+STEPS = 2
+
+
+def _config(precision: str) -> RuntimeConfig:
+    # every group homed on the host, so host bytes are every chunk's home
+    return RuntimeConfig(device="cpu", chunk_elems=CHUNK, precision=precision, optimizer_placement="host")
+
+
+def _train(engine, data, rank: int | None) -> None:
+    for step, micro in enumerate(data):
+        for idx, targets in micro:
+            if rank is not None:  # this rank's half of the batch; the reduce sums the halves
+                half = idx.shape[0] // WORLD
+                idx, targets = idx[rank * half:(rank + 1) * half], targets[rank * half:(rank + 1) * half]
+                engine.forward_backward(idx, targets, WORLD * len(micro))
+            else:
+                engine.forward_backward(idx, targets, len(micro))
+        engine.step(lr_at(step))
+
+
+def _report(engine) -> dict:
+    stats = engine.stats()
+    state = engine.state_dict()
+    return {"state_groups": stats["state_groups"], "state_bytes": stats["optimizer_state_bytes"],
+            "cpu_mem": engine.memory()["cpu_mem"], "weights": state["weights"],
+            "moments": sorted(state["optimizer"]["exp_avg"])}
+
+
+def _rank(rank: int, init: str, precision: str, out: dict) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    try:
+        setup = Setup()
+        engine = attach(make_model(setup), _config(precision), optim_config(setup),
+                        collective=Collective(rank=rank, world=WORLD))
+        _train(engine, batches(STEPS, 1), rank)
+        out[rank] = _report(engine)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_each_rank_allocates_only_its_groups_optimizer_state(tmp_path, precision):
+    setup = Setup()
+    single = attach(copy.deepcopy(make_model(setup)), _config(precision), optim_config(setup))
+    _train(single, batches(STEPS, 1), None)
+    whole = _report(single)
+    n_groups = len(single.groups)
+    assert n_groups >= 4 and whole["state_groups"] == list(range(n_groups))
+
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_rank, args=(f"file://{tmp_path / 'store'}", precision, out), nprocs=WORLD, join=True)
+        ranks = [out[r] for r in range(WORLD)]
+
+    per_elem = 12 if precision == "bf16" else 8  # fp32 master (when separate) + two fp32 moments
+    assert whole["state_bytes"] == per_elem * sum(g.param.numel for g in single.groups)
+    for rank, report in enumerate(ranks):
+        assert report["state_groups"] == list(range(rank, n_groups, WORLD))
+        owned = sum(single.groups[g].param.numel for g in report["state_groups"])
+        assert report["state_bytes"] == per_elem * owned
+        # host memory: every param and grad chunk, optimizer state for owned groups alone
+        assert whole["cpu_mem"] - report["cpu_mem"] == whole["state_bytes"] - report["state_bytes"]
+        assert 0.25 < report["state_bytes"] / whole["state_bytes"] < 0.75
+    assert sum(r["state_bytes"] for r in ranks) == whole["state_bytes"]
+
+    # the shards hold disjoint parameters whose union is the model, trained as one process trained it
+    merged = {name: t for r in ranks for name, t in r["weights"].items()}
+    assert sum(len(r["weights"]) for r in ranks) == len(merged) == len(whole["weights"])
+    assert sorted(m for r in ranks for m in r["moments"]) == whole["moments"]
+    tol = dict(rtol=1e-4, atol=1e-5) if precision == "fp32" else dict(rtol=2e-2, atol=2e-3)
+    for name, tensor in whole["weights"].items():
+        torch.testing.assert_close(merged[name], tensor, **tol, msg=name)
+
+
+def test_host_budget_counts_only_owned_groups_state():
+    """A host budget that holds one rank's share but not the whole optimizer state: attach fails
+    on one process and fits on rank 0 of 2, with every group homed on the host."""
+    from homestar.errors import BudgetError
+    from homestar.runtime.attach import plan_chunks
+
+    setup = Setup()
+    model = make_model(setup)
+    sizes = [(name, p.numel()) for name, p in model.named_parameters()]
+    comm = Collective(rank=0, world=WORLD)
+    _, mine = plan_chunks(sizes, _config("fp32"), None, comm)
+    _, whole = plan_chunks(sizes, _config("fp32"), None)
+    need = sum(g.total for g in mine)
+    assert need < sum(g.total for g in whole)
+    config = RuntimeConfig(device="cpu", chunk_elems=CHUNK, cpu_budget_bytes=need, gpu_budget_bytes=need // 4,
+                           optimizer_placement="host")
+    with pytest.raises(BudgetError):
+        attach(copy.deepcopy(model), config, optim_config(setup))
+    engine = attach(copy.deepcopy(model), config, optim_config(setup), collective=comm)
+    assert engine.stats()["device_groups"] == [] and engine.memory()["cpu_mem"] == need
+    with pytest.raises(ValueError):  # its state is rank 0's of 2: it cannot serve one process
+        engine.distribute(Collective())
+    engine.close()
