@@ -49,6 +49,10 @@ class Control:
                 return word
         return None
 
+    def requeue(self, word: str) -> None:
+        """Hand `word` back to the next poll (a request that cannot be served yet)."""
+        self._pending.insert(0, word)
+
     def wait_while_paused(self, interval: float = 0.2) -> str:
         """Sleep until "resume" ("running") or "stop"/a signal ("stop")."""
         while True:

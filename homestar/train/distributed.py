@@ -60,9 +60,11 @@ class Ranks:
             return value
         import torch.distributed as dist
 
-        out = value.detach().float().cpu().clone()
+        out = value.detach().float().clone()
+        if dist.get_backend() == "nccl":  # NCCL reduces device tensors only
+            out = out.cuda()
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out / self.world
+        return out.cpu() / self.world
 
 
 def join_from_env(device: str) -> Ranks:

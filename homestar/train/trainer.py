@@ -21,15 +21,14 @@ from typing import Callable
 import psutil
 import torch
 
+from homestar.errors import CheckpointError, ConfigError
 from homestar.train import events as ev
 from homestar.train import faults
-from homestar.errors import CheckpointError, ConfigError
 from homestar.train.checkpoint import save_checkpoint
 from homestar.train.config import RunConfig
 from homestar.train.control import Control
 from homestar.train.distributed import Ranks
-from homestar.train import memory_guard as guards
-from homestar.train.memory_guard import MemoryGuard, default_threshold
+from homestar.train.memory_guard import POLL_SECONDS, MemoryGuard, default_threshold
 from homestar.train.recovery import discard_grads, free_cached_memory, is_out_of_memory, smaller_micro_batch
 from homestar.train.sampling import sample_text
 from homestar.train.schedule import Schedule
@@ -71,7 +70,7 @@ class Trainer:
         self._last_saved = self.progress.step
         self._process = psutil.Process()
         faults.arm_from_env()
-        self.memory_guard = MemoryGuard(threshold=default_threshold(), interval=guards.POLL_SECONDS)
+        self.memory_guard = MemoryGuard(threshold=default_threshold(), interval=POLL_SECONDS)
 
     # -- events -------------------------------------------------------------------------------
     def emit(self, event: ev.Event) -> None:
@@ -102,7 +101,9 @@ class Trainer:
 
     def _loop(self) -> str:
         while self.progress.step < self.config.steps:
-            action, extend_to = self.ranks.broadcast((self.control.poll(), self.control.extend_to))
+            # Rank 0 alone reads the control file (reading consumes it) and the machine's memory;
+            # one broadcast per step tells the others (a sync only when there are others).
+            action, extend_to, short = self.ranks.broadcast(self._requests() if self.ranks.main else None)
             if action == "stop":
                 return "stopped"
             if action == "save":
@@ -111,8 +112,7 @@ class Trainer:
                 return "stopped"
             if extend_to:
                 self._extend(extend_to)
-            short = self.ranks.main and self.memory_guard.short()
-            if self.ranks.broadcast(short and self._wait_for_memory() == "stop"):
+            if short and self.ranks.broadcast(self._wait_for_memory() if self.ranks.main else None) == "stop":
                 return "stopped"
             self.train_step()
             self._after_step()
@@ -299,13 +299,21 @@ class Trainer:
     def _stop_requested_while_waiting(self) -> bool:
         action = self.control.poll()
         if action == "save":
-            self.save()
+            if self.ranks.world == 1:
+                self.save()
+            else:  # a save takes every rank, and the others wait in a broadcast: save after the wait
+                self.control.requeue("save")
         return action == "stop"
+
+    def _requests(self) -> tuple[str | None, int | None, bool]:
+        """(control action, steps to extend to, memory short?), read between two steps."""
+        return self.control.poll(), self.control.extend_to, self.memory_guard.short()
 
     def _extend(self, steps: int) -> None:
         self.control.extend_to = None
         if steps > self.config.steps:
             self.config.steps = steps
-            self.config.save(self.run_dir)
+            if self.ranks.main:  # one writer of config.json
+                self.config.save(self.run_dir)
             self.emit(ev.Status(time=self._now(), step=self.progress.step, state="extended",
                                 message=f"training extended to {steps} steps"))
