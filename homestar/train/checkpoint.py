@@ -30,11 +30,9 @@ from safetensors.torch import load_file, save_file
 from homestar.errors import CheckpointError
 from homestar.train import faults
 from homestar.train.distributed import Ranks
-
 from homestar.train.run_files import checkpoint_name, checkpoint_step, list_checkpoints
 
 FORMAT = 1
-_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
 
 
 def save_checkpoint(run_dir: Path, step: int, engine_state: dict, trainer_state: dict, *, keep: int = 2,
@@ -53,16 +51,9 @@ def save_checkpoint(run_dir: Path, step: int, engine_state: dict, trainer_state:
         _write(tmp, step, engine_state, trainer_state)
     except (OSError, SafetensorError) as exc:  # a full disk: the previous checkpoint stays the latest
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not save checkpoint {step} in {root}: {getattr(exc, 'strerror', None) or exc}") from None
+        raise CheckpointError(_save_failed(step, root, exc)) from None
     final = root / checkpoint_name(step)
-    old = root / f".old-{checkpoint_name(step)}-{os.getpid()}"
-    if final.exists():  # re-saving the same step (e.g. save-now right after a periodic save)
-        os.replace(final, old)  # renamed, not deleted, until the new one is in place
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    faults.reach("checkpoint-commit")
-    shutil.rmtree(old, ignore_errors=True)
-    _prune(root, keep)
+    _commit(root, tmp, final, keep)
     return final
 
 
@@ -99,17 +90,11 @@ def _save_sharded(run_dir: Path, step: int, engine_state: dict, trainer_state: d
         raise CheckpointError(problem)
     tmp = Path(tmp_name)
     weights_files, moment_files = shard_files(ranks.world)
-    optimizer = dict(engine_state["optimizer"])
-    moments = {f"exp_avg/{n}": t for n, t in optimizer.pop("exp_avg").items()}
-    moments.update({f"exp_avg_sq/{n}": t for n, t in optimizer.pop("exp_avg_sq").items()})
+    optimizer, mine = {}, None
     try:
-        save_file(_contiguous(engine_state["weights"]), tmp / weights_files[ranks.rank])
-        save_file(_contiguous(moments), tmp / moment_files[ranks.rank])
-        for name in (weights_files[ranks.rank], moment_files[ranks.rank]):
-            _fsync(tmp / name)
-        mine = None
+        optimizer = _write_shard(tmp, engine_state, weights_files[ranks.rank], moment_files[ranks.rank])
     except (OSError, SafetensorError) as exc:
-        mine = f"could not save checkpoint {step} in {root}: {getattr(exc, 'strerror', None) or exc}"
+        mine = _save_failed(step, root, exc)
     reports = ranks.gather((mine, optimizer.get("param_steps", {})))
     problems = [p for p, _ in reports if p]
     final = root / checkpoint_name(step)
@@ -122,7 +107,7 @@ def _save_sharded(run_dir: Path, step: int, engine_state: dict, trainer_state: d
             _write_common(tmp, step, optimizer, trainer_state, shards=ranks.world)
             _commit(root, tmp, final, keep)
         except (OSError, SafetensorError) as exc:
-            problems.append(f"could not save checkpoint {step} in {root}: {getattr(exc, 'strerror', None) or exc}")
+            problems.append(_save_failed(step, root, exc))
     problems = ranks.broadcast(problems)
     if problems:
         if ranks.main:
@@ -132,11 +117,13 @@ def _save_sharded(run_dir: Path, step: int, engine_state: dict, trainer_state: d
 
 
 def _write_common(tmp: Path, step: int, optimizer: dict, trainer_state: dict, *, shards: int) -> None:
-    """rng, state.json and (last) the manifest of a sharded checkpoint whose shards are written."""
+    """rng, state.json and (last) the manifest, once the weights and moments are written."""
     rng_tensors, rng_json = _rng_state()
     save_file(rng_tensors, tmp / "rng.safetensors")
+    faults.reach("checkpoint-file")
     state = {"format": FORMAT, "step": step, "optimizer": optimizer, "rng": rng_json, **trainer_state}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    faults.reach("checkpoint-file")
     files = sorted(_expected_files(shards))
     manifest = {"format": FORMAT, "step": step, "shards": shards, "files": {f: _describe(tmp / f) for f in files}}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -145,11 +132,13 @@ def _write_common(tmp: Path, step: int, optimizer: dict, trainer_state: dict, *,
 
 
 def _commit(root: Path, tmp: Path, final: Path, keep: int) -> None:
+    """Rename the finished folder into place, then prune older checkpoints."""
     old = root / f".old-{final.name}-{os.getpid()}"
-    if final.exists():
-        os.replace(final, old)
+    if final.exists():  # re-saving the same step (e.g. save-now right after a periodic save)
+        os.replace(final, old)  # renamed, not deleted, until the new one is in place
     os.replace(tmp, final)
     _fsync_dir(root)
+    faults.reach("checkpoint-commit")
     shutil.rmtree(old, ignore_errors=True)
     _prune(root, keep)
 
@@ -166,24 +155,28 @@ def _check_disk(root: Path, engine_state: dict, factor: int = 1) -> None:
 
 
 def _write(tmp: Path, step: int, engine_state: dict, trainer_state: dict) -> None:
-    """Every file of one checkpoint into `tmp`, each fsynced, the manifest last."""
+    """Every file of a one-process checkpoint into `tmp`, each fsynced, the manifest last."""
+    (weights_name,), (moments_name,) = shard_files(1)
+    optimizer = _write_shard(tmp, engine_state, weights_name, moments_name)
+    _write_common(tmp, step, optimizer, trainer_state, shards=1)
+
+
+def _write_shard(tmp: Path, engine_state: dict, weights_name: str, moments_name: str) -> dict:
+    """This process's weights and moments, fsynced; returns the optimizer state left to record."""
     optimizer = dict(engine_state["optimizer"])
     moments = {f"exp_avg/{n}": t for n, t in optimizer.pop("exp_avg").items()}
     moments.update({f"exp_avg_sq/{n}": t for n, t in optimizer.pop("exp_avg_sq").items()})
-    save_file(_contiguous(engine_state["weights"]), tmp / "model.safetensors")
+    save_file(_contiguous(engine_state["weights"]), tmp / weights_name)
     faults.reach("checkpoint-file")
-    save_file(_contiguous(moments), tmp / "optimizer.safetensors")
+    save_file(_contiguous(moments), tmp / moments_name)
     faults.reach("checkpoint-file")
-    rng_tensors, rng_json = _rng_state()
-    save_file(rng_tensors, tmp / "rng.safetensors")
-    faults.reach("checkpoint-file")
-    state = {"format": FORMAT, "step": step, "optimizer": optimizer, "rng": rng_json, **trainer_state}
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    faults.reach("checkpoint-file")
-    manifest = {"format": FORMAT, "step": step, "files": {f: _describe(tmp / f) for f in _FILES}}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    for f in [*_FILES, "manifest.json"]:
-        _fsync(tmp / f)
+    for name in (weights_name, moments_name):
+        _fsync(tmp / name)
+    return optimizer
+
+
+def _save_failed(step: int, root: Path, exc: BaseException) -> str:
+    return f"could not save checkpoint {step} in {root}: {getattr(exc, 'strerror', None) or exc}"
 
 
 def load_latest(run_dir: Path, *, warn=None) -> tuple[dict, dict]:
