@@ -16,7 +16,7 @@ from pathlib import Path
 from homestar.errors import CheckpointError, ConfigError
 from homestar.train import events as ev
 from homestar.train.build import build_engine, build_model, load_run_data, RunData, resolve_device, resolve_precision
-from homestar.train.checkpoint import load_latest, restore_rng
+from homestar.train.checkpoint import list_checkpoints, load_latest, restore_rng
 from homestar.train.config import RunConfig
 from homestar.train.distributed import Ranks, join_from_env, leave
 from homestar.train.lock import RunLock
@@ -253,8 +253,6 @@ def resume_run(run_dir: Path, sinks: list, *, steps: int | None = None) -> Sessi
     ranks = _join(config)
     lock = RunLock(run_dir).acquire() if ranks.main else _NoLock()
     try:
-        from homestar.train.checkpoint import list_checkpoints
-
         loaded = load_latest(run_dir) if list_checkpoints(run_dir) else None
         progress = Progress()
         if loaded is not None:
