@@ -136,7 +136,8 @@ def _measure(request: BenchRequest) -> BenchResult:
             stats = engine.stats() if hasattr(engine, "stats") else {}
             result.gpu_peak_gib = max(torch.cuda.max_memory_reserved(), stats.get("allocator_peak_bytes", 0)) / GIB
         else:
-            result.gpu_peak_gib = engine.memory().get("gpu_peak", engine.memory()["gpu_mem"]) / GIB
+            memory = engine.memory()
+            result.gpu_peak_gib = memory.get("gpu_peak", memory["gpu_mem"]) / GIB
         engine.close()
     except torch.OutOfMemoryError as exc:
         result.status, result.message = "oom", str(exc).splitlines()[0][:200]

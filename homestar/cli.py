@@ -20,11 +20,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"homestar: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _positive_int(text: str) -> int:
+def _int(text: str) -> int:
     try:
-        value = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value}")
     return value
@@ -37,26 +41,18 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-
-
-def _gib(text: str) -> float:
+def _positive_float(text: str, unit: str = "number") -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of GiB, got {text!r}") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number of GiB, got {text}")
+        raise argparse.ArgumentTypeError(f"expected a {unit}, got {text!r}") from None
+    if not 0 < value < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a positive {unit}, got {text}")
     return value
 
 
-def _positive_float(text: str) -> float:
-    value = _gib(text)
-    return value
+def _gib(text: str) -> float:
+    return _positive_float(text, "number of GiB")
 
 
 def build_parser() -> argparse.ArgumentParser:
