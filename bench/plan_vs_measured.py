@@ -1,7 +1,8 @@
 """Compare the planner's predicted GPU and host peaks with what `homestar bench` measures.
 
 For each preset and GPU budget, take the plan's own settings (micro-batch, chunk size, host chunk
-budget), run the chunk runtime on synthetic tokens, and print predicted vs measured peaks.
+budget), run the chunk runtime on synthetic tokens, and print predicted vs measured peaks. The
+plan's chunk size is the one the runtime would pick itself for the same GPU budget.
 
     python bench/plan_vs_measured.py --budgets 8 24 --presets 350m 0.7b 1.3b 2.7b 4b 6.7b
     python bench/plan_vs_measured.py --device cpu --budgets 0.05 --presets debug --steps 2   # smoke test
@@ -30,7 +31,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
-    print("preset budget fits  gpu_pred gpu_meas  host_pred host_meas  tok_s  status")
+    print("preset budget fits       chunk  gpu_pred gpu_meas  host_pred host_meas  tok_s  status")
     for budget in args.budgets:
         plans = {p["preset"]: p for p in homestar("plan", "--device", args.device, "--gpu-mem-gib", str(budget), "--json")}
         for name in args.presets:
@@ -44,7 +45,7 @@ def main() -> None:
             if plan.get("cpu_mem_gib"):
                 flags += ["--cpu-mem-gib", str(plan["cpu_mem_gib"])]
             result = homestar(*flags)[0]
-            print(f"{name:6} {budget:6g} {plan['fits']:5} {plan['gpu_peak_gib']:8.2f} {result.get('gpu_peak_gib', 0):8.2f}"
+            print(f"{name:6} {budget:6g} {plan['fits']:5} {plan['chunk_elems']:11d} {plan['gpu_peak_gib']:8.2f} {result.get('gpu_peak_gib', 0):8.2f}"
                   f"  {plan['cpu_peak_gib']:9.2f} {result.get('cpu_peak_gib', 0):9.2f}  {result.get('tok_s', 0):6.0f}"
                   f"  {result.get('status')} {result.get('message', '')}", flush=True)
 

@@ -51,6 +51,16 @@ def _positive_float(text: str, unit: str = "number") -> float:
     return value
 
 
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text}")
+    return value
+
+
 def _gib(text: str) -> float:
     return _positive_float(text, "number of GiB")
 
@@ -105,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
     bench.add_argument("--runtime", choices=("chunked", "torch"), default="chunked")
     bench.add_argument("--chunk-elems", type=_positive_int, default=None)
+    bench.add_argument("--stream-share", type=_share, default=None,
+                       help="fraction of host-held AdamW streamed through the GPU (default: the runtime's)")
     bench.add_argument("--baseline", action="store_true", help="also run plain PyTorch and print the ratio")
     bench.add_argument("--json", action="store_true", help="one JSON object per system")
 
@@ -133,8 +145,13 @@ def _add_machine_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
     import warnings
 
+    # Growable GPU memory segments, set before torch starts CUDA (it reads this then): chunk
+    # streaming allocates and frees blocks of hundreds of MiB on several streams, which
+    # fragments fixed segments. A user's own PYTORCH_CUDA_ALLOC_CONF wins.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
@@ -277,7 +294,7 @@ def _bench(args) -> int:
     request = BenchRequest(preset=args.preset, system=args.runtime, device=args.device, gpu_mem_gib=args.gpu_mem_gib,
                            cpu_mem_gib=args.cpu_mem_gib, micro_batch=args.micro_batch, accum=args.accum,
                            seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, precision=args.precision,
-                           chunk_elems=args.chunk_elems)
+                           chunk_elems=args.chunk_elems, stream_share=args.stream_share)
     results = run_bench(request, baseline=args.baseline)
     if args.json:
         for r in results:

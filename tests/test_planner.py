@@ -21,10 +21,12 @@ from homestar.planner import (
     recommend,
 )
 from homestar.planner import plan as plan_module
-from homestar.planner.memory import _count_chunks, activation_memory, choose_chunk, layout_of
+from homestar.planner.activations import activation_memory
+from homestar.planner.memory import model_data, runtime_config
 from homestar.planner.speed import GPU_CLASSES, tokens_per_second
 from homestar.planner.probe import cgroup_cpu_quota, cgroup_memory, cpu_cores, disk_free, host_memory
-from homestar.runtime import choose_chunk_elems, plan_layout
+from homestar.runtime import RuntimeConfig
+from homestar.runtime.attach import plan_chunks, working_set_bytes_per_elem
 
 GIB = 2**30
 SPEC_KEYS = {"preset", "params", "fits", "recommended", "gpu_peak_gib", "cpu_peak_gib", "chunk_elems", "micro_batch",
@@ -89,29 +91,57 @@ def test_named_sizes_match_the_model_and_its_parameter_count():
         assert sum(n for _, n in named_sizes(config)) == config.num_params()
 
 
-def test_layout_is_the_runtimes_and_the_fast_chunk_count_agrees():
+def test_model_data_is_what_attach_allocates():
+    """Same chunks, dtypes and bytes as the runtime: attach a small GPT on the CPU (simulated
+    device budget small enough to cap the chunk size) and compare with the planner's figures."""
+    from homestar.optim import OptimConfig
+    from homestar.runtime import attach
+
+    config = GPTConfig(vocab_size=4096, seq_len=32, d_model=512, n_layer=1, n_head=8)  # 5.3M parameters
+    budget = 128 * 2**20  # caps chunks at budget / (8 x working-set bytes per element): 1-1.4M
+    for precision in ("fp32", "bf16"):
+        data = model_data(config, precision=precision, device="cpu", gpu_budget=budget)
+        runtime = runtime_config(precision=precision, device="cpu", gpu_budget=budget)
+        engine = attach(GPT(config), runtime, OptimConfig())
+        assert data.layout.chunk_elems < max(n for _, n in named_sizes(config))  # the embedding has its own chunk
+        assert [g.param.numel for g in engine.groups] == [data.layout.chunk_numel(i) for i in range(data.n_chunks)]
+        assert [(g.param.nbytes, g.grad.nbytes) for g in engine.groups] == [(b.param, b.grad) for b in data.groups]
+        assert engine.host.used == data.total_bytes()  # every chunk homed on the host, exact bytes
+        assert data.grad_bytes == (2 if precision == "bf16" else 4)
+        assert sum(data.param_elems) == config.num_params()
+
+
+def test_chunk_size_is_what_attach_picks_for_the_same_budget():
+    sizes = named_sizes(FAMILY[4].model)
+    for profile in ("8 GB + 32 GB", "24 GB + 64 GB"):
+        machine = PROFILES[profile]
+        budget = machine.gpus[0].free_bytes
+        runtime = RuntimeConfig(device="cuda", precision="bf16", gpu_budget_bytes=budget)
+        picked = plan_chunks(sizes, runtime, budget)[0].chunk_elems
+        plan = next(p for p in make_plan(machine, presets=FAMILY) if p.preset == "1.3b")
+        assert plan.chunk_elems == picked
+    small, large = (next(p for p in make_plan(PROFILES[name], presets=FAMILY) if p.preset == "1.3b").chunk_elems
+                    for name in ("8 GB + 32 GB", "24 GB + 64 GB"))
+    assert small < large  # the budget caps the chunk: a small card streams smaller chunks
+    cpu = make_plan(PROFILES["8 GB + 32 GB"], presets=FAMILY[:2], device="cpu", gpu_mem_gib=0.5)
+    runtime = RuntimeConfig(device="cpu", precision="fp32", gpu_budget_bytes=GIB // 2)
+    assert cpu[1].chunk_elems == plan_chunks(named_sizes(FAMILY[1].model), runtime, GIB // 2)[0].chunk_elems
+
+
+def test_working_set_is_the_runtimes_per_element_figure():
     config = FAMILY[2].model
-    sizes = named_sizes(config)
-    assert layout_of(config).chunk_elems == choose_chunk_elems(sizes)
-    largest = max(n for _, n in sizes)
-    for chunk in (largest, largest + 64 * 1000, int(largest * 1.37), 2 * largest):
-        assert _count_chunks([n for _, n in sizes], chunk) == plan_layout(sizes, chunk).n_chunks
-
-
-def test_chunk_choice_holds_the_largest_parameter_and_uses_the_machine():
-    config = FAMILY[4].model
-    largest = max(n for _, n in named_sizes(config))
-    small_room = choose_chunk(config, precision="bf16", gpu_room_bytes=1 * GIB)
-    assert largest <= small_room <= 2 * largest
-    assert choose_chunk(config, precision="bf16", gpu_room_bytes=None) == choose_chunk_elems(named_sizes(config))
-    # With room for every param chunk, only padding counts: the runtime's least-waste choice.
-    big_room = choose_chunk(config, precision="bf16", gpu_room_bytes=1000 * GIB)
-    assert plan_layout(named_sizes(config), big_room).waste_elems == layout_of(config).waste_elems
+    for precision in ("bf16", "fp16", "fp32"):
+        chunk = 2 * max(n for _, n in named_sizes(config))
+        est = estimate(config, precision=precision, micro_batch=1, chunk_elems=chunk)
+        assert not est.data.layout.sizes  # uniform chunks
+        per_elem = working_set_bytes_per_elem(runtime_config(precision=precision, device="cuda"))
+        assert est.chunks_in_use() == per_elem * est.data.chunk_elems
 
 
 def test_model_data_bytes_per_element():
     config = FAMILY[1].model
-    assert estimate(config, precision="bf16", micro_batch=1).data.bytes_per_elem == 18  # 2 + 4 + 4 + 4 + 4
+    assert estimate(config, precision="bf16", micro_batch=1).data.bytes_per_elem == 16  # 2 + 2 + 4 + 4 + 4
+    assert estimate(config, precision="fp16", micro_batch=1).data.bytes_per_elem == 18  # fp32 grads
     assert estimate(config, precision="fp32", micro_batch=1, device="cpu").data.bytes_per_elem == 16
 
 
@@ -144,31 +174,41 @@ def test_a_short_host_budget_homes_groups_on_the_gpu():
     assert squeezed.host_peak <= 15 * GIB < everything.host_peak
     assert squeezed.gpu_min > everything.gpu_min
     assert fit(est, gpu_budget=8 * GIB, host_budget=10 * GIB) is None
-    spilled = [p for p in make_plan(PROFILES["24 GB + 64 GB"], presets=FAMILY) if p.cpu_mem_gib is not None]
-    assert spilled and all(p.fits != "no" and p.cpu_mem_gib < 64 for p in spilled)
+    # a host that barely holds the fp32 model the trainer builds: most groups start on the GPU
+    built = est.host_base + est.model_bytes
+    barely = fit(est, gpu_budget=60 * GIB, host_budget=built + GIB)
+    assert barely.device_groups > squeezed.device_groups and built <= barely.host_peak <= built + GIB
+    assert fit(est, gpu_budget=60 * GIB, host_budget=built - 1) is None
+    spilled = [p for p in make_plan(PROFILES["24 GB + 64 GB"], presets=FAMILY, cpu_mem_gib=40)
+               if p.cpu_mem_gib is not None]
+    assert spilled and all(p.fits != "no" and p.cpu_mem_gib < 40 and p.cpu_peak_gib <= 40 for p in spilled)
 
 
-def test_pinned_host_buffers_cost_their_power_of_two():
+def test_host_peak_is_the_chunks_or_the_fp32_model_never_both():
     config = FAMILY[3].model
-    est = estimate(config, precision="bf16", micro_batch=1, chunk_elems=130_387_968)
-    assert est.host_group == (256 + 4 * 512) * 2**20  # bf16 param 249 MiB, four fp32 kinds 497 MiB each
-    assert estimate(config, precision="bf16", micro_batch=1, chunk_elems=130_387_968, device="cpu").host_group == \
-        est.data.group.total  # pageable on the CPU: no rounding
-    roomy = fit(est, gpu_budget=1 << 50, host_budget=1 << 50)
-    assert roomy.host_peak == est.host_base + 4 * config.num_params() + est.data.n_chunks * est.host_group
+    est = estimate(config, precision="bf16", micro_batch=1, gpu_budget=8 * GIB)
+    data, n = est.data, est.data.n_chunks
+    assert est.model_bytes == 4 * config.num_params()
+    # attach allocates group by group and frees each fp32 parameter once packed: at its peak
+    # the host holds every chunk and the last group's fp32 parameters, not the whole model
+    assert est.attach_peak([False] * n) == data.total_bytes() + 4 * data.param_elems[-1]
+    assert est.attach_peak([True] * n) == est.model_bytes  # every group on the GPU: the model alone
+    roomy = fit(est, gpu_budget=8 * GIB, host_budget=1 << 50)
+    scratch = 4 * data.layout.largest_chunk  # the CPU optimizer widens bf16 grads into fp32
+    assert roomy.host_peak == est.host_base + data.total_bytes() + scratch
+    assert roomy.host_peak < est.host_base + data.total_bytes() + est.model_bytes
 
 
-def test_chunk_choice_avoids_pinned_rounding_waste():
-    config = FAMILY[4].model
-    sizes = named_sizes(config)
-    chosen = choose_chunk(config, precision="bf16", gpu_room_bytes=6 * GIB, pinned_pow2=True)
-    default = choose_chunk_elems(sizes)
-
-    def pinned(chunk):
-        est = estimate(config, precision="bf16", micro_batch=1, chunk_elems=chunk)
-        return est.data.n_chunks * est.host_group
-
-    assert pinned(chosen) < pinned(default)
+def test_a_large_model_at_a_small_budget_needs_16_bytes_per_parameter_of_host():
+    # 6.7B at 8 GiB was killed for host memory on a 125 GiB machine with fp32 grads (18 B/param
+    # and a chunk size that wasted 40%); with bf16 grads its chunks take about 100 GiB.
+    config = FAMILY[6].model
+    est = estimate(config, precision="bf16", micro_batch=1, gpu_budget=8 * GIB)
+    assert 16 * config.num_params() < est.data.total_bytes() < 105 * GIB
+    placed = fit(est, gpu_budget=8 * GIB, host_budget=125 * GIB)
+    assert placed is not None and placed.device_groups == 0 and placed.host_peak < 110 * GIB
+    assert fit(estimate(config, precision="fp16", micro_batch=1, gpu_budget=8 * GIB), gpu_budget=8 * GIB,
+               host_budget=125 * GIB) is None  # fp32 grads: too much for that host
 
 
 def test_speed_matches_the_runtime_measured_on_the_reference_gpu():
@@ -197,7 +237,8 @@ def test_every_profile_gets_one_sensible_plan_within_its_budgets(profile):
     gpu_budget = machine.gpus[0].free_bytes / GIB if machine.gpus else 0.0
     for plan in plans:
         assert plan.micro_batch * plan.accum == SHAPES[plan.preset][5] * SHAPES[plan.preset][6]
-        assert plan.chunk_elems >= max(n for _, n in named_sizes(_preset(plan.preset).model))
+        largest = max(n for _, n in named_sizes(_preset(plan.preset).model))
+        assert min(largest, 1 << 20) <= plan.chunk_elems <= 2 * largest  # larger parameters: a chunk each
         if plan.fits == "no":
             assert plan.est_tok_s is None
             continue

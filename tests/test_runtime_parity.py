@@ -41,6 +41,7 @@ CASES = {
     "no-clip": (Setup(grad_clip=0.0), {}),
     "optimizer-on-device": (Setup(), {"budget_chunks": 64, "optimizer_placement": "device"}),
     "optimizer-split": (Setup(), {"budget_chunks": 14, "optimizer_placement": "auto"}),
+    "optimizer-streamed": (Setup(), {"budget_chunks": 6, "optimizer_stream_share": 0.5}),
 }
 
 
@@ -62,6 +63,9 @@ def test_parity_with_torch_adamw(name):
         assert stats["evictions"] == 0
     elif name == "optimizer-split":
         assert 0 < len(stats["device_groups"]) < len(engine.groups)
+    elif name == "optimizer-streamed":  # half the groups' AdamW on the device, half on the CPU thread
+        assert stats["device_groups"] == [] and stats["evictions"] > steps
+        assert 0 < len(stats["streamed_groups"]) < len(engine.groups)
     else:
         assert stats["evictions"] > steps  # evicted every step
         assert stats["device_groups"] == []

@@ -1,23 +1,34 @@
 """The memory model: what one training run of a GPT shape needs, on the GPU and on the host.
 
 For a model shape, precision, micro-batch and sequence length it counts, in bytes:
-- model data by kind (compute-precision params, fp32 grads, fp32 master, Adam m and v), packed
-  into chunks exactly as the runtime packs them (`homestar.runtime.layout`), padding included;
+- model data by kind, packed into chunks by the runtime's own rule (`runtime.attach.plan_chunks`
+  with the `RuntimeConfig` the trainer would build): the chunk size `attach` picks for the same
+  device budget, padding and oversized chunks included, and each group's bytes with the
+  runtime's dtypes (bf16: param 2, grad 2, fp32 master 4, Adam m 4, v 4 = 16 bytes per element;
+  fp16: 18, its grads are fp32; fp32: 16, the param doubles as master);
 - where those chunks live under given budgets, decided by the runtime's own rule
-  (`homestar.runtime.homes.plan_homes`): chunk groups are homed on the host (pinned on CUDA)
-  unless the host budget cannot hold them, then on the GPU; after the warm-up trace, groups
-  whose whole state fits in the GPU's margin move there too;
+  (`runtime.homes.plan_homes`): chunk groups are homed on the host (pinned on CUDA, at their exact
+  size) unless the host budget cannot hold them, then on the GPU; after the warm-up trace,
+  groups whose whole state fits in the GPU's margin move there too;
 - what must be on the GPU at once: the param chunks in use (a module may straddle two) and
   prefetched, the grad chunk being filled and one draining;
-- activations with per-block checkpointing or without it, and the logits with their grad and the
-  loss's fp32 slices, which dominate small models with a large vocabulary (`ActivationMemory`);
-- the CUDA context, allocator slack and the process's own host memory: pinned chunk buffers as
-  torch's host allocator rounds them (to powers of two), and the fp32 model the trainer builds
-  on the host, alive while the runtime copies it into chunks.
+- activations (`activations.py`);
+- the CUDA context, allocator slack and the process's own host memory. The trainer builds the
+  model in fp32 on the host (4 bytes per parameter); `attach` allocates a group's chunks when it
+  packs the group's first parameter and frees each fp32 parameter once packed, so the host peaks
+  at the larger of the fp32 model and the chunks (plus one group's fp32 parameters), never both.
+  Under bf16 the CPU optimizer widens a group's grads into one fp32 scratch buffer.
+
+Host figures checked on the H200 box (2026-11-30; exact-size pinned buffers, grads still fp32,
+so 18 bytes per parameter): `homestar bench --preset 1.3b --gpu-mem-gib 8 --micro-batch 2`
+peaked (ru_maxrss) at 24.06 GiB for 22.93 GiB of chunks and attach's transient, 1.13 GiB
+besides; `homestar train --preset 2.7b --gpu-mem-gib 8` held 46.94 GiB (RSS) for 45.74 GiB of
+chunks, 1.20 GiB besides. `Overheads.host_base_cuda_bytes` is that, with room for larger corpora.
 
 Every figure is a pure function of the shape and budgets: nothing is allocated. Speed lives in
 `speed.py`, verdicts and the recommendation in `plan.py`. Knows nothing of presets, of the
-machine's hardware or of the runtime's live state.
+machine's hardware or of the runtime's live state. Not counted: the host copies a checkpoint
+save makes (the trainer's, not the runtime's).
 """
 
 from __future__ import annotations
@@ -27,57 +38,65 @@ from functools import lru_cache
 
 from homestar.errors import BudgetError, ConfigError
 from homestar.model import GPTConfig
-from homestar.runtime.homes import GroupBytes, plan_homes
-from homestar.runtime.layout import Layout, choose_chunk_elems, plan_layout
+from homestar.planner.activations import ActivationMemory, activation_memory
+from homestar.runtime.attach import plan_chunks
+from homestar.runtime.config import RuntimeConfig
+from homestar.runtime.homes import GroupBytes, plan_homes, working_set
+from homestar.runtime.layout import Layout
 
 MIB = 2**20
 GIB = 2**30
 
 PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 """Bytes per element of compute-precision params and activations."""
-_ALIGN = 64
-"""Parameter alignment inside a chunk (the runtime's default `align_elems`)."""
-_CE_SLICE_ELEMS = 1 << 25
-"""Logit elements the loss upcasts to fp32 at once (the model's chunked cross-entropy)."""
+_FP32_MODEL_BYTES = 4
+"""Bytes per parameter of the model as the trainer builds it on the host."""
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
 class Overheads:
-    """Costs outside model data and activations, and the runtime's working-set shape."""
+    """Costs outside model data and activations."""
 
     cuda_context_bytes: int = 768 * MIB
     """CUDA context, kernels and library handles of one process, outside torch's allocator
     (0.75 GiB measured on an H200 with torch 2.x)."""
     allocator_slack: float = 0.10
     """Fraction added to the activations' peak for fragmentation and block rounding."""
-    host_base_cuda_bytes: int = 5 * GIB // 2
-    """Resident host memory of the process on a GPU run besides chunks: torch and the CUDA
-    libraries (1.4 GiB measured on an H200), tokenizer, token arrays, checkpoint writing."""
-    host_base_cpu_bytes: int = 3 * GIB // 2
-    """The same on a CPU-only run (no CUDA libraries)."""
-    prefetch_chunks: int = 2
-    """Param chunks fetched ahead of use (the runtime's `prefetch_depth`)."""
-    pinned_pow2: bool = True
-    """torch's caching host allocator rounds every pinned allocation up to a power of two: on
-    CUDA each host chunk buffer costs its next power of two (measured on an H200: a 355M model's
-    five chunk groups, 6.3 GiB of data, took 11.25 GiB of pinned memory)."""
-    model_on_host: bool = True
-    """The trainer builds the model in fp32 on the host and the runtime copies it into chunks
-    that are all allocated first: 4 bytes per parameter on top of the chunks at that moment."""
+    host_base_cuda_bytes: int = 3 * GIB // 2
+    """Resident host memory of the process on a GPU run besides model data: torch and the CUDA
+    libraries, tokenizer, token arrays (1.13-1.20 GiB measured on an H200, see above)."""
+    host_base_cpu_bytes: int = GIB
+    """The same on a CPU-only run, without the CUDA libraries (0.53 GiB for the debug preset's
+    `homestar bench`, 0.58 GiB for 3 steps of `homestar train` on the default corpus; a larger
+    corpus holds more tokens)."""
 
     def __post_init__(self) -> None:
         if min(self.cuda_context_bytes, self.host_base_cuda_bytes, self.host_base_cpu_bytes) < 0:
             raise ValueError("overheads must be >= 0 bytes")
-        if not 0 <= self.allocator_slack < 1 or self.prefetch_chunks < 0:
-            raise ValueError("allocator_slack must lie in [0, 1) and prefetch_chunks be >= 0")
+        if not 0 <= self.allocator_slack < 1:
+            raise ValueError("allocator_slack must lie in [0, 1)")
+
+
+def runtime_config(*, precision: str, device: str, gpu_budget: int | None = None,
+                   chunk_elems: int | None = None) -> RuntimeConfig:
+    """The runtime settings the trainer builds for this plan: its defaults (prefetch depth, grad
+    dtype, alignment) are the ones the memory model counts with."""
+    return RuntimeConfig(device=device, precision=precision, gpu_budget_bytes=gpu_budget, chunk_elems=chunk_elems)
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
 class ModelData:
-    """Chunked model data: every kind has the same layout; chunk i of every kind is group i."""
+    """Chunked model data exactly as `runtime.attach` allocates it: group i is chunk i of every
+    kind (param, grad, master, Adam m and v); a parameter larger than the chunk size (a large
+    vocabulary's embedding) has a group of its own, sized to it."""
 
     layout: Layout
+    groups: tuple[GroupBytes, ...]
     precision: str
+    grad_bytes: int
+    """Bytes per element of the grad chunks (2 under bf16, else 4)."""
+    param_elems: tuple[int, ...]
+    """Parameter elements packed in each group (the rest is padding)."""
 
     @property
     def chunk_elems(self) -> int:
@@ -88,55 +107,28 @@ class ModelData:
         return self.layout.n_chunks
 
     @property
-    def group(self) -> GroupBytes:
-        """Bytes of one chunk group: param in compute precision, fp32 grad, fp32 master (unless
-        the params are fp32 themselves) and the two fp32 Adam moments."""
-        elems = self.chunk_elems
-        rest = (8 if self.precision == "fp32" else 12) * elems
-        return GroupBytes(param=elems * PRECISION_BYTES[self.precision], grad=4 * elems, rest=rest)
-
-    def host_group_bytes(self, *, pow2: bool) -> int:
-        """Host memory of one group's buffers, each rounded up to a power of two when `pow2`."""
-        group = self.group
-        kinds = [group.param, group.grad] + [4 * self.chunk_elems] * (group.rest // (4 * self.chunk_elems))
-        return sum(_next_pow2(b) for b in kinds) if pow2 else group.total
-
-    @property
     def bytes_per_elem(self) -> int:
-        """All kinds together: 18 bytes per element in bf16/fp16, 16 in fp32."""
-        return self.group.total // self.chunk_elems
+        """All kinds together: 16 bytes per element in bf16 and fp32, 18 in fp16."""
+        return self.total_bytes() // self.layout.total_elems
 
     def total_bytes(self) -> int:
         """Every chunk of every kind, padding included."""
-        return self.n_chunks * self.group.total
+        return sum(g.total for g in self.groups)
 
 
-@dataclass(kw_only=True, slots=True, frozen=True)
-class ActivationMemory:
-    """Non-chunk bytes of one micro-batch's forward and backward, by phase.
-
-    Measured against plain PyTorch on an H200 (bf16 autocast, chunked loss, tied head): the peak
-    is the saved activations plus the larger of two phases, the loss/head backward and one
-    block's recompute and backward, never both at once. The model reads above what was measured
-    for d_model 128-4096 and micro-batches 2-8 (by 4-13%), and 40% above at micro-batch 1,
-    where the loss's fixed-size fp32 slices dominate.
-    """
-
-    saved: int
-    """Kept from forward to backward: each block's input with checkpointing, else every block's
-    saved tensors; plus the final LayerNorm's fp32 output."""
-    head_phase: int
-    """Loss backward: the logits, their grad and the loss's fp32 slices (and an untied head's
-    weight grad)."""
-    block_phase: int
-    """One block's recomputed saved tensors (checkpointing) and its backward's live grads."""
-    grad_held: int
-    """A tied embedding's grad, which autograd holds from the head's backward to the embedding's
-    before the runtime adds it into its grad chunk."""
-
-    @property
-    def peak(self) -> int:
-        return self.saved + self.grad_held + max(self.head_phase, self.block_phase)
+@lru_cache(maxsize=256)
+def model_data(config: GPTConfig, *, precision: str, device: str, gpu_budget: int | None = None,
+               chunk_elems: int | None = None) -> ModelData:
+    """The runtime's chunks for `config`: `plan_chunks` under the device budget `attach` would be
+    given (it caps the chunk size; None: uncapped) or at a fixed `chunk_elems`. Cached: a plan
+    asks for the same layout once per micro-batch it weighs."""
+    runtime = runtime_config(precision=precision, device=device, gpu_budget=gpu_budget, chunk_elems=chunk_elems)
+    layout, groups = plan_chunks(named_sizes(config), runtime, gpu_budget)
+    used = [0] * layout.n_chunks
+    for slot in layout.slots:
+        used[slot.chunk] += slot.numel
+    return ModelData(layout=layout, groups=tuple(groups), precision=precision,
+                     grad_bytes=runtime.grad_dtype.itemsize, param_elems=tuple(used))
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -152,20 +144,42 @@ class Estimate:
     nonmodel: int
     """Activations' peak plus allocator slack: compute memory that is not chunks."""
     params_in_use: int
-    """Param chunks a streamed model needs on the compute device at once (in use, prefetched)."""
+    """Param chunks a streamed model needs on the compute device at once (two in use, the
+    runtime's `prefetch_depth` prefetched)."""
     grads_in_use: int
     """Grad chunks it needs there at once (being filled, draining)."""
     context: int
     host_base: int
     model_bytes: int
-    """The fp32 model the trainer builds on the host, alive while the runtime takes it over."""
-    host_group: int
-    """Host memory of one host-homed chunk group (pinned and power-of-two rounded on CUDA)."""
+    """The fp32 model the trainer builds on the host before `attach` takes it over."""
 
-    @property
-    def chunks_in_use(self) -> int:
-        group = self.data.group
-        return self.params_in_use * group.param + self.grads_in_use * group.grad
+    def chunks_in_use(self, streamed: list[bool] | None = None) -> int:
+        """Device bytes of the streamed groups' chunks in use at once (default: every group
+        streamed): the largest param and grad chunks, as many as `params_in_use` and
+        `grads_in_use` say. With uniform chunks that is the runtime's
+        `working_set_bytes_per_elem` times the chunk size."""
+        groups = [g for i, g in enumerate(self.data.groups) if streamed is None or streamed[i]]
+        params = sorted((g.param for g in groups), reverse=True)[:self.params_in_use]
+        grads = sorted((g.grad for g in groups), reverse=True)[:self.grads_in_use]
+        return sum(params) + sum(grads)
+
+    def host_scratch(self, on_host: list[bool]) -> int:
+        """The CPU optimizer's fp32 buffer for narrower grads: the largest host-side chunk."""
+        if self.data.grad_bytes >= 4:
+            return 0
+        elems = [self.data.layout.chunk_numel(i) for i, host in enumerate(on_host) if host]
+        return 4 * max(elems, default=0)
+
+    def attach_peak(self, on_device: list[bool]) -> int:
+        """Host bytes of model data while `attach` packs the fp32 model: group by group its
+        chunks are allocated (host-homed ones on the host) and then its fp32 parameters freed."""
+        unpacked = self.model_bytes
+        held = peak = 0
+        for group, device, used in zip(self.data.groups, on_device, self.data.param_elems):
+            held += 0 if device else group.total
+            peak = max(peak, held + unpacked)
+            unpacked -= _FP32_MODEL_BYTES * used
+        return max(peak, self.model_bytes)
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -176,8 +190,8 @@ class Fit:
     est: Estimate
     device_groups: int
     """Groups homed on the GPU from the start (the host budget could not hold them)."""
-    steady_groups: int
-    """Groups on the GPU after the warm-up trace (their optimizer runs there)."""
+    steady: tuple[bool, ...]
+    """Per group: on the GPU after the warm-up trace (its optimizer runs there)."""
     cached_param_bytes: int
     """Param chunks of host-homed groups that stay cached on the GPU between uses."""
     gpu_min: int
@@ -187,8 +201,24 @@ class Fit:
     host_peak: int
     """Host memory of the process; on CUDA its chunk buffers are pinned (cannot be swapped)."""
     runtime_host_budget: int | None
-    """The host budget to give the runtime (its own unrounded chunk bytes) for this placement;
-    None when every group fits on the host anyway."""
+    """The host budget to give the runtime (chunk bytes only) for this placement; None when
+    every group fits on the host anyway."""
+
+    @property
+    def steady_groups(self) -> int:
+        return sum(self.steady)
+
+    @property
+    def streamed(self) -> GroupBytes:
+        """Bytes of the groups that stay homed on the host, summed by role."""
+        groups = [g for g, dev in zip(self.est.data.groups, self.steady) if not dev]
+        return GroupBytes(param=sum(g.param for g in groups), grad=sum(g.grad for g in groups),
+                          rest=sum(g.rest for g in groups))
+
+    @property
+    def streamed_elems(self) -> int:
+        """Elements of the groups whose optimizer runs on the CPU."""
+        return sum(self.est.data.layout.chunk_numel(i) for i, dev in enumerate(self.steady) if not dev)
 
 
 def fit(est: Estimate, *, gpu_budget: int | None, host_budget: int) -> Fit | None:
@@ -204,43 +234,68 @@ def fit(est: Estimate, *, gpu_budget: int | None, host_budget: int) -> Fit | Non
 def _fit_cpu(est: Estimate, simulated: int | None, host_budget: int) -> Fit | None:
     # The simulated device keeps a copy of every param and grad chunk it can through the warm-up
     # step, before groups move there for good: at that peak the host holds both.
-    data, group = est.data, est.data.group
-    copies = data.n_chunks * (group.param + group.grad)
+    data, n = est.data, est.data.n_chunks
+    copies = sum(g.param + g.grad for g in data.groups)
     copies = copies if simulated is None else min(copies, simulated)
-    chunks = data.total_bytes()
-    host = est.host_base + chunks + max(est.nonmodel + copies, est.model_bytes)
-    if host > host_budget or (simulated is not None and est.chunks_in_use > simulated):
+    training = data.total_bytes() + est.host_scratch([True] * n) + est.nonmodel + copies
+    host = est.host_base + max(est.attach_peak([False] * n), training)
+    if host > host_budget or (simulated is not None and est.chunks_in_use() > simulated):
         return None
-    return Fit(est=est, device_groups=0, steady_groups=0, cached_param_bytes=0, gpu_min=0, gpu_peak=0, host_peak=host,
-               runtime_host_budget=None)
+    return Fit(est=est, device_groups=0, steady=(False,) * n, cached_param_bytes=0, gpu_min=0, gpu_peak=0,
+               host_peak=host, runtime_host_budget=None)
 
 
 def _fit_cuda(est: Estimate, gpu_budget: int, host_budget: int) -> Fit | None:
-    group, n = est.data.group, est.data.n_chunks
+    groups, n = list(est.data.groups), est.data.n_chunks
     gpu_cap = gpu_budget - est.context
-    # The runtime counts its chunks unrounded; scale the host room into its units.
-    cpu_cap = (host_budget - est.host_base - est.model_bytes) * group.total / est.host_group
     # The runtime's own check counts two param chunks and one grad chunk; reserve the prefetched
     # and draining ones too, so a plan that fits also overlaps its transfers.
-    reserve = est.nonmodel + max(0, est.chunks_in_use - (2 * group.param + group.grad))
+    reserve = est.nonmodel + max(0, est.chunks_in_use() - working_set(groups, [False] * n))
+    homes = _start_homes(est, groups, gpu_cap, reserve, host_budget)
+    if homes is None:
+        return None
+    start, cpu_cap, host_peak = homes
     try:
-        start = sum(plan_homes([group] * n, gpu_cap=gpu_cap, cpu_cap=cpu_cap, nonmodel=reserve, policy="auto",
-                               fill=False))
-        settled = sum(plan_homes([group] * n, gpu_cap=gpu_cap, cpu_cap=cpu_cap, nonmodel=reserve, policy="auto",
-                                 fill=True))
+        settled = plan_homes(groups, gpu_cap=gpu_cap, cpu_cap=cpu_cap, nonmodel=reserve, policy="auto", fill=True)
     except BudgetError:
         return None
-    working = est.chunks_in_use if start < n else 0
-    gpu_min = est.context + est.nonmodel + start * group.total + working
+    streamed = [not dev for dev in start]
+    working = est.chunks_in_use(streamed) if any(streamed) else 0
+    on_gpu = sum(g.total for g, dev in zip(groups, start) if dev)
+    gpu_min = est.context + est.nonmodel + on_gpu + working
     # Steady state: groups homed on the GPU, then param chunks cached in the room left beside
     # the grad chunk in use. The runtime fills its budget with whatever chunks it has (measured
     # on an H200 it went past it by 0.6-1.9 GiB: its trace saw less non-model memory).
-    room = gpu_cap - est.nonmodel - settled * group.total - (group.grad if settled < n else 0)
-    cached = max(0, min((n - settled) * group.param, room))
-    gpu_peak = min(max(est.context + est.nonmodel + n * group.total, gpu_min), gpu_budget)
-    return Fit(est=est, device_groups=start, steady_groups=settled, cached_param_bytes=cached, gpu_min=gpu_min,
-               gpu_peak=gpu_peak, host_peak=est.host_base + est.model_bytes + (n - start) * est.host_group,
-               runtime_host_budget=int(cpu_cap) if start else None)
+    left = [g for g, dev in zip(groups, settled) if not dev]
+    room = gpu_cap - est.nonmodel - sum(g.total for g, dev in zip(groups, settled) if dev)
+    room -= max((g.grad for g in left), default=0)
+    cached = max(0, min(sum(g.param for g in left), room))
+    gpu_peak = min(max(est.context + est.nonmodel + est.data.total_bytes(), gpu_min), gpu_budget)
+    return Fit(est=est, device_groups=sum(start), steady=tuple(settled), cached_param_bytes=cached, gpu_min=gpu_min,
+               gpu_peak=gpu_peak, host_peak=host_peak, runtime_host_budget=int(cpu_cap) if any(start) else None)
+
+
+def _start_homes(est: Estimate, groups: list[GroupBytes], gpu_cap: int, reserve: int,
+                 host_budget: int) -> tuple[list[bool], float, int] | None:
+    """The runtime's homes at attach under the host budget, the chunk budget that yields them
+    and the host peak. The chunk budget starts at what the process leaves and shrinks while
+    attach's transient fp32 parameters or the optimizer's scratch would push past the budget
+    (a few rounds: each one homes more groups on the GPU)."""
+    cpu_cap = float(host_budget - est.host_base)
+    for _ in range(8):
+        if cpu_cap < 0:
+            return None
+        try:
+            start = plan_homes(groups, gpu_cap=gpu_cap, cpu_cap=cpu_cap, nonmodel=reserve, policy="auto", fill=False)
+        except BudgetError:
+            return None
+        on_host = [not dev for dev in start]
+        chunks = sum(g.total for g, host in zip(groups, on_host) if host)
+        peak = est.host_base + max(est.attach_peak(start), chunks + est.host_scratch(on_host))
+        if peak <= host_budget:
+            return start, cpu_cap, peak
+        cpu_cap = min(cpu_cap, chunks) - (peak - host_budget)
+    return None
 
 
 def estimate(
@@ -250,12 +305,14 @@ def estimate(
     micro_batch: int,
     seq_len: int | None = None,
     chunk_elems: int | None = None,
+    gpu_budget: int | None = None,
     device: str = "cuda",
     checkpointing: bool | None = None,
     overheads: Overheads = Overheads(),
 ) -> Estimate:
-    """Memory of training `config` with the chunk runtime, before any budget. Defaults follow the
-    trainer: seq_len from the config, checkpointing on the GPU only, the least-waste chunk."""
+    """Memory of training `config` with the chunk runtime, before placement. Defaults follow the
+    trainer: seq_len from the config, checkpointing on the GPU only, and the chunk size `attach`
+    picks under the device budget `gpu_budget` (bytes; None: uncapped) unless `chunk_elems`."""
     if precision not in PRECISION_BYTES:
         raise ConfigError(f"precision must be one of {', '.join(PRECISION_BYTES)}, not {precision!r}")
     if device not in ("cuda", "cpu"):
@@ -266,47 +323,18 @@ def estimate(
     if not 1 <= seq_len <= config.seq_len:
         raise ConfigError(f"sequence length must lie in 1..{config.seq_len}, got {seq_len}")
     checkpointing = (device == "cuda") if checkpointing is None else checkpointing
-    data = ModelData(layout=layout_of(config, chunk_elems), precision=precision)
+    data = model_data(config, precision=precision, device=device, gpu_budget=gpu_budget, chunk_elems=chunk_elems)
     act = activation_memory(config, micro_batch=micro_batch, seq_len=seq_len, act_bytes=PRECISION_BYTES[precision],
                             checkpointing=checkpointing)
     on_gpu = device == "cuda"
+    prefetch = RuntimeConfig().prefetch_depth
     return Estimate(
         data=data, device=device, micro_batch=micro_batch, seq_len=seq_len, checkpointing=checkpointing, act=act,
         nonmodel=int(act.peak * (1 + overheads.allocator_slack)),
-        params_in_use=min(data.n_chunks, 2 + overheads.prefetch_chunks), grads_in_use=min(data.n_chunks, 2),
+        params_in_use=min(data.n_chunks, 2 + prefetch), grads_in_use=min(data.n_chunks, 2),
         context=overheads.cuda_context_bytes if on_gpu else 0,
         host_base=overheads.host_base_cuda_bytes if on_gpu else overheads.host_base_cpu_bytes,
-        model_bytes=4 * config.num_params() if overheads.model_on_host else 0,
-        host_group=data.host_group_bytes(pow2=on_gpu and overheads.pinned_pow2),
-    )
-
-
-def activation_memory(config: GPTConfig, *, micro_batch: int, seq_len: int, act_bytes: int,
-                      checkpointing: bool) -> ActivationMemory:
-    """Activation memory of one micro-batch; `act_bytes` 2 for bf16/fp16 autocast, 4 for fp32.
-
-    Per token and block, in [B, T, d_model] tensors of `act_bytes`: forward saves 17 in fp32
-    (ln inputs and outputs, qkv 3, attention output, projection input, MLP 4 + 4); under
-    autocast the two LayerNorm outputs are fp32 with half-precision casts beside them, 21 in all.
-    Backward adds ~19 live (MLP grads 4 + 4, qkv grads, flash-attention accumulators). Attention
-    is the fused SDPA kernel: no [T, T] scores are kept.
-    """
-    tensor = micro_batch * seq_len * config.d_model * act_bytes
-    per_block = (21 if act_bytes < 4 else 17) * tensor
-    backward_live = 19 * tensor
-    final_norm = 2 * tensor * (4 // act_bytes)  # fp32 output, kept for the head's backward
-    if checkpointing:
-        saved, block_phase = config.n_layer * tensor, per_block + backward_live
-    else:
-        saved, block_phase = config.n_layer * per_block, backward_live
-    logit_elems = micro_batch * seq_len * config.vocab_size
-    fp32_slices = (3 if act_bytes < 4 else 2) * min(logit_elems, _CE_SLICE_ELEMS) * 4
-    head_weight = config.vocab_size * config.d_model * act_bytes
-    return ActivationMemory(
-        saved=saved + final_norm,
-        head_phase=2 * logit_elems * act_bytes + fp32_slices + (0 if config.tie_embeddings else head_weight),
-        block_phase=block_phase,
-        grad_held=head_weight if config.tie_embeddings else 0,
+        model_bytes=_FP32_MODEL_BYTES * config.num_params(),
     )
 
 
@@ -330,71 +358,3 @@ def _named_sizes(config: GPTConfig) -> tuple[tuple[str, int], ...]:
     if not config.tie_embeddings:
         sizes.append(("lm_head.weight", v * d))
     return tuple(sizes)
-
-
-@lru_cache(maxsize=256)
-def layout_of(config: GPTConfig, chunk_elems: int | None = None) -> Layout:
-    """The runtime's packing of `config` into chunks of `chunk_elems` (default: its least-waste
-    size). Cached: a plan asks for the same layout once per micro-batch it weighs."""
-    sizes = named_sizes(config)
-    return plan_layout(sizes, chunk_elems if chunk_elems is not None else choose_chunk_elems(sizes))
-
-
-def choose_chunk(config: GPTConfig, *, precision: str, gpu_room_bytes: int | None, pinned_pow2: bool = False) -> int:
-    """The chunk size that wastes least for this model on this machine.
-
-    Waste is counted in bytes: host memory beyond the parameters' own (layout padding in every
-    kind, and with `pinned_pow2` each pinned buffer's rounding up to a power of two) plus, on a
-    GPU whose room (`gpu_room_bytes`) cannot cache every param chunk, the tail of that room too
-    small for one more chunk. Without a room, the runtime's own choice (padding only).
-    Candidates: the runtime's 65 sizes from the largest parameter to twice it, and the power of
-    two in that range (no rounding waste at all); those whose working set (four param and two
-    grad chunks) does not fit the room are dropped, and when none fits, the smallest wins.
-    """
-    if gpu_room_bytes is None:
-        return layout_of(config).chunk_elems
-    sizes = [n for _, n in _named_sizes(config)]
-    base = _round_up(max(sizes), _ALIGN)
-    step = max(_ALIGN, _round_up(base // 64, _ALIGN))
-    candidates = [base + k * step for k in range(65)] + [_next_pow2(base)]
-    used = sum(sizes)
-
-    def waste(chunk_elems: int) -> int:
-        data = ModelData(layout=Layout(chunk_elems=chunk_elems, slots=(), n_chunks=_count_chunks(sizes, chunk_elems)),
-                         precision=precision)
-        host = data.n_chunks * data.host_group_bytes(pow2=pinned_pow2) - used * data.bytes_per_elem
-        chunk_bytes = data.group.param
-        stranded = 0 if data.n_chunks * chunk_bytes <= gpu_room_bytes else max(0, gpu_room_bytes) % chunk_bytes
-        return host + stranded
-
-    group_bytes = PRECISION_BYTES[precision] * 4 + 4 * 2  # four param chunks and two grad chunks, per element
-    workable = [c for c in candidates if c * group_bytes <= gpu_room_bytes]
-    return min(workable, key=lambda c: (waste(c), c)) if workable else min(candidates)
-
-
-def gpu_room_for_chunks(config: GPTConfig, *, precision: str, gpu_budget: int, overheads: Overheads = Overheads()) -> int:
-    """GPU bytes left for chunks at micro-batch 1: the budget less the context and the
-    activations (with slack). Negative when even those do not fit."""
-    act = activation_memory(config, micro_batch=1, seq_len=config.seq_len, act_bytes=PRECISION_BYTES[precision],
-                            checkpointing=True)
-    return gpu_budget - overheads.cuda_context_bytes - int(act.peak * (1 + overheads.allocator_slack))
-
-
-def _count_chunks(sizes: list[int], chunk_elems: int) -> int:
-    """Chunks `plan_layout` would use (same greedy, aligned, never-split packing), without
-    building its slots: choose_chunk weighs 65 sizes per preset."""
-    chunks, cursor = 1, 0
-    for numel in sizes:
-        start = _round_up(cursor, _ALIGN)
-        if start + numel > chunk_elems:
-            chunks, start = chunks + 1, 0
-        cursor = start + numel
-    return chunks
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple

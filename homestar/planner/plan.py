@@ -1,9 +1,12 @@
 """The fit plan: for every preset, does it fit this machine, how, how fast; and which one to train.
 
 For each preset the planner picks precision (bf16 where the GPU has it, fp16 on older cards, fp32
-on the CPU), the chunk size (`memory.choose_chunk`) and the micro-batch: among the divisors of
-the preset's global batch, the one with the best estimated speed (`speed.py`); accumulation makes
-up the rest of the global batch. Budgets default to the first GPU's free memory and the host's
+on the CPU), the chunk size and the micro-batch: among the divisors of the preset's global batch,
+the one with the best estimated speed (`speed.py`); accumulation makes up the rest of the global
+batch. The chunk size is the one `runtime.attach` picks for the same device budget (least
+padding under a cap of 1/8 of the budget for the streaming working set; a parameter above the
+cap, such as a large embedding, in a chunk of its own): the plan names it, and `--preset auto`
+hands it to the runtime. Budgets default to the first GPU's free memory and the host's
 available memory (cgroup-aware); `--gpu-mem-gib` / `--cpu-mem-gib` replace them. A GPU budget
 counts the CUDA context, as a card's memory does. A preset
 - fits ("yes") when the runtime could place it within 85% of both budgets (`memory.fit`),
@@ -34,7 +37,7 @@ from dataclasses import dataclass
 
 from homestar.errors import BudgetError, ConfigError
 from homestar.model import Preset, list_presets, load_preset
-from homestar.planner.memory import GIB, Fit, Overheads, choose_chunk, estimate, fit, gpu_room_for_chunks
+from homestar.planner.memory import GIB, Fit, Overheads, estimate, fit
 from homestar.planner.probe import GPUInfo, MachineInfo
 from homestar.planner.probe import probe as probe_machine
 from homestar.planner.speed import GpuClass, SpeedFacts, UNKNOWN_GPU, gpu_class, tokens_per_second
@@ -62,6 +65,8 @@ class PresetPlan:
     cpu_peak_gib: float
     """Predicted host memory of the process; on CUDA its chunk buffers are pinned."""
     chunk_elems: int
+    """Elements per chunk: what `runtime.attach` picks for this device budget (the trainer
+    passes it on for --preset auto); a parameter larger than it has a chunk of its own."""
     micro_batch: int
     accum: int
     device: str
@@ -195,15 +200,8 @@ class _Option:
 
 
 def _plan_preset(preset: Preset, target: _Target, facts: SpeedFacts, overheads: Overheads) -> PresetPlan:
-    config = preset.model
     global_batch = preset.train.micro_batch * preset.train.accum
-    room = None
-    if target.device == "cuda":
-        room = gpu_room_for_chunks(config, precision=target.precision, gpu_budget=target.gpu_budget,
-                                   overheads=overheads)
-    chunk = choose_chunk(config, precision=target.precision, gpu_room_bytes=room,
-                         pinned_pow2=target.device == "cuda" and overheads.pinned_pow2)
-    options = [_option(preset, b, global_batch // b, chunk, target, facts, overheads)
+    options = [_option(preset, b, global_batch // b, target, facts, overheads)
                for b in range(1, global_batch + 1) if global_batch % b == 0]
     best = _best(options)
     est = best.fit.est
@@ -219,9 +217,10 @@ def _plan_preset(preset: Preset, target: _Target, facts: SpeedFacts, overheads: 
     )
 
 
-def _option(preset: Preset, micro_batch: int, accum: int, chunk: int, target: _Target, facts: SpeedFacts,
+def _option(preset: Preset, micro_batch: int, accum: int, target: _Target, facts: SpeedFacts,
             overheads: Overheads) -> _Option:
-    est = estimate(preset.model, precision=target.precision, micro_batch=micro_batch, chunk_elems=chunk,
+    # the chunk size comes from the full device budget, as attach derives it, for every verdict
+    est = estimate(preset.model, precision=target.precision, micro_batch=micro_batch, gpu_budget=target.gpu_budget,
                    device=target.device, overheads=overheads)
     cpu = target.device == "cpu"
     for verdict, share in (("yes", MARGIN), ("tight", 1.0)):

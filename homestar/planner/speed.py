@@ -9,9 +9,10 @@ optimizer once per step:
   capability (the reference H200 does 790 TFLOP/s; consumer cards far less); on the CPU, 40
   GFLOP/s of fp32 peak per core.
 - PCIe: param chunks not cached on the GPU cross twice per micro-batch (forward, and backward
-  after eviction), fp32 grads of host-homed groups drain once and come back for accumulation,
-  cached params are fetched again after each optimizer step; all at the pinned rate with both
-  directions busy (48 GB/s each way on the reference box, 55 GB/s one way alone).
+  after eviction), grads of host-homed groups (bf16 under bf16, else fp32) drain once and come
+  back for accumulation, cached params are fetched again after each optimizer step; all at the
+  pinned rate with both directions busy (48 GB/s each way on the reference box, 55 GB/s one way
+  alone).
 - runtime: 15 ms of hooks and bookkeeping per block (measured; it bounds small models on fast
   cards).
 - optimizer: torch's fused AdamW on the CPU at 4.7 G params/s per 16 cores (scaled by cores) for
@@ -115,17 +116,17 @@ def tokens_per_second(fit: Fit, config: GPTConfig, *, accum: int, gpu: GpuClass,
     tokens = est.micro_batch * est.seq_len
     flops = tokens * config.flops_per_token() * (4 / 3 if est.checkpointing else 1.0)
     efficiency = facts.mfu * tokens / (tokens + facts.mfu_half_tokens)
-    n, elems, group = est.data.n_chunks, est.data.chunk_elems, est.data.group
+    data = est.data
     cpu_adam = facts.cpu_adam_params_s * cores / facts.cpu_adam_cores
     if est.device == "cpu":
         micro = max(flops / (cores * facts.cpu_gflops_per_core * 1e9 * efficiency), config.n_layer * facts.runtime_block_s)
-        return tokens * accum / (accum * micro + n * elems / cpu_adam)
-    peak = gpu.matmul_tflops * 1e12 * (facts.fp32_share if est.data.precision == "fp32" else 1.0)
-    streamed = n - fit.steady_groups
-    uncached = streamed * group.param - fit.cached_param_bytes
-    traffic = 2 * uncached + (2 - 1 / accum) * streamed * group.grad
+        return tokens * accum / (accum * micro + data.layout.total_elems / cpu_adam)
+    peak = gpu.matmul_tflops * 1e12 * (facts.fp32_share if data.precision == "fp32" else 1.0)
+    streamed, on_cpu = fit.streamed, fit.streamed_elems
+    uncached = streamed.param - fit.cached_param_bytes
+    traffic = 2 * uncached + (2 - 1 / accum) * streamed.grad
     overhead = config.n_layer * facts.runtime_block_s
     micro = max(flops / (peak * efficiency), traffic / (gpu.pcie_gbs * 1e9), overhead)
-    optimizer = streamed * elems / cpu_adam + fit.steady_groups * elems / facts.gpu_adam_params_s
+    optimizer = on_cpu / cpu_adam + (data.layout.total_elems - on_cpu) / facts.gpu_adam_params_s
     refetch = fit.cached_param_bytes / (gpu.pcie_gbs * 1e9)  # cached params are stale after a CPU step
     return tokens * accum / (accum * micro + optimizer + refetch)

@@ -65,8 +65,6 @@ def attach(
     groups, chunks = _make_groups(layout, config, homes, comm)
     placement = Placement(chunks, device, host, Tracer(), prefetch_depth=config.prefetch_depth,
                           headroom=config.nonmodel_headroom, estimate=config.nonmodel_estimate_bytes or 0)
-    for chunk in chunks:
-        placement.allocate_home(chunk)
     params = _materialize(model, named, init_fn, device.device, config.compute_dtype)
     infos = [
         ParamInfo(name=name, param=param, shape=param.shape, slot=slot, group=groups[slot.chunk],
@@ -74,12 +72,25 @@ def attach(
         for (name, param), slot in zip(params, layout.slots)
     ]
     table = ParamTable(infos, device.device, config.compute_dtype)
+    # A group's chunks are allocated when its first parameter is packed and each original is
+    # freed once packed, so the host never holds the whole fp32 model next to all the chunks.
+    allocated: set[int] = set()
     for info, (_, param) in zip(infos, named):
+        if info.group.index not in allocated:
+            allocated.add(info.group.index)
+            for chunk in info.group.chunks():
+                placement.allocate_home(chunk)
         _pack(info, param, init_fn, placement)
         table.unbind(info)  # the original tensor is freed here (unless referenced elsewhere)
+    for group in groups:  # groups holding no parameter (none today) still get their memory
+        if group.index not in allocated:
+            for chunk in group.chunks():
+                placement.allocate_home(chunk)
     _move_buffers(model, device.device)
     adamw = ChunkAdamW(table, groups, placement, optim)
     adamw.collective = comm
+    share = config.optimizer_stream_share
+    adamw.stream_share = 0.0 if share is None else share
     return ChunkedEngine(
         model=model, config=config, table=table, groups=groups, group_bytes=group_bytes,
         placement=placement, host=host, tracer=placement.tracer, adamw=adamw,
@@ -126,7 +137,7 @@ def working_set_bytes_per_elem(config: RuntimeConfig) -> int:
     """Bytes per chunk element of what streaming puts on the device at once: two param chunks
     in use (a module may straddle two), `prefetch_depth` prefetched, a grad chunk being filled
     and one whose write-back is still reading it."""
-    return (2 + config.prefetch_depth) * config.compute_dtype.itemsize + 2 * 4
+    return (2 + config.prefetch_depth) * config.compute_dtype.itemsize + 2 * config.grad_dtype.itemsize
 
 
 def _group_bytes(layout: Layout, config: RuntimeConfig, comm: Collective) -> list[GroupBytes]:
@@ -135,7 +146,8 @@ def _group_bytes(layout: Layout, config: RuntimeConfig, comm: Collective) -> lis
         elems = layout.chunk_numel(index)
         # master (when separate) + two moments, on the owner alone
         rest = (3 if config.mixed else 2) * 4 * elems if comm.owns(index) else 0
-        out.append(GroupBytes(param=elems * config.compute_dtype.itemsize, grad=4 * elems, rest=rest))
+        out.append(GroupBytes(param=elems * config.compute_dtype.itemsize, grad=elems * config.grad_dtype.itemsize,
+                              rest=rest))
     return out
 
 
@@ -153,7 +165,7 @@ def _make_groups(layout: Layout, config: RuntimeConfig, homes: list[bool],
     for index, on_device in enumerate(homes):
         home = "device" if on_device else "host"
         param = new(Kind.PARAM, index, config.compute_dtype, home)
-        grad = new(Kind.GRAD, index, torch.float32, home)
+        grad = new(Kind.GRAD, index, config.grad_dtype, home)
         owned = comm.owns(index)  # another rank's group: no master, no moments here
         master = new(Kind.MASTER, index, torch.float32, home) if config.mixed and owned else param
         groups.append(ChunkGroup(

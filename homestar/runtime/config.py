@@ -39,11 +39,20 @@ class RuntimeConfig:
     precision: str = "fp32"
     """"fp32" (param chunks double as master weights), "bf16" (bf16 compute, fp32 master) or
     "fp16" (fp16 compute, fp32 master, dynamic loss scaling)."""
+    grad_precision: str = "auto"
+    """dtype of grad chunks. "auto": bf16 under bf16 (autograd's grads of bf16 weights are bf16
+    already; stored as they come, host memory is 16 bytes per parameter, not 18, and half the
+    bytes cross PCIe; accumulation over micro-batches then rounds to bf16 each time), fp32
+    otherwise (fp16 unscales in fp32). "fp32": always fp32."""
     optimizer_placement: str = "auto"
     """Where AdamW runs per chunk group. "auto": groups whose whole state fits in the device
     margin the warm-up trace measured run on the device, the rest on the CPU. "host": on the CPU
     unless the host budget forces a group onto the device. "device": every group on the device
     (BudgetError if it cannot fit)."""
+    optimizer_stream_share: float | None = None
+    """Fraction of the host-homed groups' elements whose AdamW streams through the device
+    (state copied in, updated there, written back) while the CPU updates the rest at the same
+    time. None: 0 (not yet the default: its speed on a real card is still being measured)."""
     prefetch_depth: int = 2
     """How many upcoming chunk accesses (in trace order) may be fetched ahead of use."""
     nonmodel_headroom: float = 0.0
@@ -62,12 +71,16 @@ class RuntimeConfig:
             raise ConfigError(f"runtime device must be 'cuda' or 'cpu', not {self.device!r}")
         if self.precision not in _PRECISIONS:
             raise ConfigError(f"precision must be one of {sorted(_PRECISIONS)}, not {self.precision!r}")
+        if self.grad_precision not in ("auto", "fp32"):
+            raise ConfigError(f"grad_precision must be 'auto' or 'fp32', not {self.grad_precision!r}")
         if self.optimizer_placement not in _PLACEMENTS:
             raise ConfigError(f"optimizer_placement must be one of {_PLACEMENTS}")
         for name in ("gpu_budget_bytes", "cpu_budget_bytes", "chunk_elems", "nonmodel_estimate_bytes"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name} must be positive, not {value}")
+        if self.optimizer_stream_share is not None and not 0.0 <= self.optimizer_stream_share <= 1.0:
+            raise ConfigError(f"optimizer_stream_share must lie in [0, 1], not {self.optimizer_stream_share}")
         if self.prefetch_depth < 0 or self.align_elems < 1 or self.nonmodel_headroom < 0:
             raise ConfigError("prefetch_depth and nonmodel_headroom must be >= 0, align_elems >= 1")
         if self.loss_scale_init <= 0 or self.loss_scale_growth_interval < 1:
@@ -77,6 +90,13 @@ class RuntimeConfig:
     def compute_dtype(self) -> torch.dtype:
         """dtype of param chunks and of autocast."""
         return _PRECISIONS[self.precision]
+
+    @property
+    def grad_dtype(self) -> torch.dtype:
+        """dtype of grad chunks (see `grad_precision`)."""
+        if self.grad_precision == "auto" and self.precision == "bf16":
+            return torch.bfloat16
+        return torch.float32
 
     @property
     def mixed(self) -> bool:

@@ -165,6 +165,7 @@ class ChunkedEngine:
     def stats(self) -> dict:
         """Counters for tests and benchmarks: fetches, evictions, write-backs, prefetches,
         peak accounted device bytes, the device budget, which groups live on the device, which
+        host-homed groups' AdamW streamed through the device in the last step, which
         groups have optimizer state here and the bytes of that state (master when separate, moments)."""
         return {
             **self.placement.stats,
@@ -172,6 +173,7 @@ class ChunkedEngine:
             "device_budget": self.placement.device.budget,
             "allocator_peak_bytes": self.placement.device.allocator_peak(),
             "device_groups": [g.index for g in self.groups if g.optimizer_on_device],
+            "streamed_groups": self.adamw.streamed_groups(),
             "state_groups": [g.index for g in self.groups if g.has_state],
             "optimizer_state_bytes": sum(c.nbytes for g in self.groups for c in g.optimizer_chunks()),
         }

@@ -8,7 +8,7 @@
 - Activation checkpointing (non-reentrant): recompute runs the pre-hooks again during backward;
   there they hold the chunk for backward (recompute may stop early, so no post-hook is relied on).
 - Gradients: a post-accumulate-grad hook adds each parameter's gradient into its slot of the
-  grad chunk (fp32), drops `.grad`, and ends the parameter's backward hold. Tied parameters
+  grad chunk (fp32, or bf16 under bf16), drops `.grad`, and ends the parameter's backward hold. Tied parameters
   get one accumulated gradient from autograd; parameters that get none are swept by `end_backward`.
 Knows nothing of the optimizer, the trainer or what the model is.
 """
@@ -146,7 +146,7 @@ class RuntimeHooks:
         grad, param.grad = param.grad, None
         chunk = info.group.grad
         device_tensor = self.placement.acquire(chunk, [info.index])
-        chunk.view(device_tensor, info.slot, info.shape).add_(grad)  # fp32 accumulate, casts
+        chunk.view(device_tensor, info.slot, info.shape).add_(grad)  # accumulates in the chunk's dtype (fp32 casts)
         self.placement.release(chunk, [info.index], Move.RELEASE_BWD, wrote=True)
         info.has_grad = True
         self._end_hold(info)

@@ -62,7 +62,11 @@ class MemorySpace:
 
 
 class HostMemory(MemorySpace):
-    """Host memory for chunks; buffers are pooled and reused (pinned when `pin`)."""
+    """Host memory for chunks; buffers are pooled and reused (pinned when `pin`).
+
+    Pinned buffers are page-locked at their exact size (`cuda.PinnedHost`), not through torch's
+    caching host allocator, which rounds every allocation up to a power of two: for chunk sizes
+    just above one, that nearly doubled the host memory of a run."""
 
     name = "cpu"
 
@@ -70,6 +74,11 @@ class HostMemory(MemorySpace):
         super().__init__(torch.device("cpu"), budget)
         self.pin = pin
         self._pool: dict[tuple[int, torch.dtype], list[torch.Tensor]] = defaultdict(list)
+        self._pinned = None
+        if pin:
+            from homestar.runtime.cuda import PinnedHost  # CUDA-only code stays out of CPU runs
+
+            self._pinned = PinnedHost()
 
     def alloc(self, numel: int, dtype: torch.dtype, *, zero: bool = False) -> torch.Tensor:
         pooled = self._pool[(numel, dtype)]
@@ -83,14 +92,19 @@ class HostMemory(MemorySpace):
     def release(self, tensor: torch.Tensor) -> None:
         """Give a buffer back for good (its bytes stop counting against the budget)."""
         super().free(tensor)
+        if self._pinned is not None:
+            self._pinned.unpin(tensor)
 
     def close(self) -> None:
         self._pool.clear()
+        if self._pinned is not None:
+            self._pinned.close()
         self.used = 0
 
     def _new(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        # cost: a pinned allocation is a slow driver call that locks pages; done once per buffer.
-        return torch.empty(numel, dtype=dtype, pin_memory=self.pin)
+        if self._pinned is not None:
+            return self._pinned.empty(numel, dtype)
+        return torch.empty(numel, dtype=dtype)
 
 
 class DeviceSpace(MemorySpace):

@@ -15,6 +15,7 @@ Knows nothing of modules, hooks or the trainer.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections import defaultdict
 
@@ -22,7 +23,7 @@ import torch
 
 from homestar.optim import OptimConfig, StepReport
 from homestar.runtime.binding import ParamInfo, ParamTable
-from homestar.runtime.chunk import Chunk, ChunkGroup
+from homestar.runtime.chunk import Chunk, ChunkGroup, Kind
 from homestar.runtime.collectives import Collective
 from homestar.runtime.placement import Placement
 from homestar.runtime.scaler import LossScaler
@@ -45,6 +46,27 @@ class ChunkAdamW:
         """Optimizer steps applied (skipped steps excluded)."""
         self.collective = Collective()
         """Which ranks share the work; groups not owned here get no update here."""
+        self._infos_of: dict[int, list[ParamInfo]] = defaultdict(list)
+        for info in table:
+            self._infos_of[info.group.index].append(info)
+        self._norms: dict[int, torch.Tensor] = {}
+        """Per-parameter grad norms (0-d, on the device) taken as grad chunks were written back
+        during backward, by layout index: the host copy holds exactly what was normed, so the
+        step need not read host grads for the norm. Forgotten when the step ends."""
+        placement.on_write_back = self._note_grad_norms
+        self._held_grads: dict[int, torch.Tensor] = {}
+        """Each staged group's whole grad chunk tensor, by group index (for the fp32 widening)."""
+        self._host_scratch: torch.Tensor | None = None
+        """fp32 buffer of one chunk on the host, reused by every CPU group's widened grads."""
+        self.stream_share = 0.0
+        """Fraction of the host-homed groups' elements whose AdamW streams through the device
+        (state copied in, updated there, written back as it is evicted) while the CPU updates
+        the rest at the same time; 0: every host-homed group on the CPU."""
+        self._device_side: set[int] = set()
+        """Groups whose AdamW runs on the device this step (homed there, or streamed)."""
+        self._streamed: set[int] = set()
+        """The host-homed ones among them: their grads are held one group at a time, as each
+        updates, not all at once while the norm is taken."""
 
     def step(self, lr: float, scaler: LossScaler | None) -> StepReport:
         started = time.perf_counter()
@@ -52,30 +74,38 @@ class ChunkAdamW:
         by_group: dict[int, list[ParamInfo]] = defaultdict(list)
         for info in active:
             by_group[info.group.index].append(info)
-        grads = self._stage_grads(by_group)
         comm = self.collective
+        # streaming keeps grads out of the step's whole-model passes (unscaling, the reduce
+        # over ranks), so it runs only without either
+        self._choose_device_side(stream=scaler is None and not comm.active)
+        grads = self._stage_grads(by_group)
         owned = {index: infos for index, infos in by_group.items() if comm.owns(index)}
-        grad_list = [grads[info.index] for infos in owned.values() for info in infos]
+        owned_infos = [info for infos in owned.values() for info in infos]
+        grad_list = [grads[info.index] for info in owned_infos if info.index in grads]
         if scaler is not None:
             for tensors in _by_device(grad_list).values():
                 torch._foreach_mul_(tensors, scaler.inv_scale)
-        total = self._total_norm(grad_list)
+        # the norms taken at write-back hold for these grads unless the step changed them since
+        # (unscaled above, or summed over ranks in _stage_grads)
+        cached = self._norms if scaler is None and not comm.active else {}
+        total = self._total_norm(owned_infos, grads, cached)
         if comm.active:  # the global norm: squares of the owners' norms summed over ranks (a sync)
             total = comm.all_reduce_sum((total.float() ** 2).reshape(1)).sqrt().reshape(())
         grad_norm = float(total)  # sync: the step's one host read of a device value
+        normed = time.perf_counter()
+        timings: dict[str, float] = {}
         skipped = scaler is not None and not math.isfinite(grad_norm)
         if scaler is not None:
             scaler.update(found_inf=skipped)
         if not skipped:
-            if self.config.grad_clip > 0:
-                self._clip(grad_list, total)
-            for index, infos in owned.items():
-                self._adam_group(self.groups[index], infos, grads, lr)
+            coef = self._clip(grad_list, total) if self.config.grad_clip > 0 else None
+            timings.update(self._adam_all(owned, grads, lr, coef))
             if comm.active:
                 self._share_params(by_group)
             self.step_count += bool(active)  # as torch: a step without gradients changes nothing
         self._finish(by_group)
-        return StepReport(grad_norm=grad_norm, skipped=skipped, timings={"optimizer": time.perf_counter() - started})
+        timings.update(optimizer=time.perf_counter() - started, opt_grads_and_norm=normed - started)
+        return StepReport(grad_norm=grad_norm, skipped=skipped, timings=timings)
 
     # -- stages ---------------------------------------------------------------------------
     def _stage_grads(self, by_group: dict[int, list[ParamInfo]]) -> dict[int, torch.Tensor]:
@@ -83,8 +113,11 @@ class ChunkAdamW:
         grads: dict[int, torch.Tensor] = {}
         pending = []
         for index, infos in by_group.items():
+            if index in self._streamed:
+                continue  # held as the group updates (`_adam_all`)
             chunk = self.groups[index].grad
             tensor = self._hold(chunk, infos)
+            self._held_grads[index] = tensor
             # issued in group order on every rank; gloo/NCCL run them while the next is staged
             pending.append(self.collective.reduce_to_owner(tensor, index))
             for info in infos:
@@ -109,39 +142,157 @@ class ChunkAdamW:
         work.wait()
         self._let_go(chunk, infos)
 
-    def _total_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        """Norm of per-parameter norms, stacked in parameter order on the first gradient's
-        device, exactly as torch.nn.utils.clip_grad_norm_ computes it."""
-        if not grads:
+    def _total_norm(self, infos: list[ParamInfo], grads: dict[int, torch.Tensor],
+                    cached: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Norm of per-parameter norms, stacked in parameter order on the compute device,
+        exactly as torch.nn.utils.clip_grad_norm_ computes it. A grad held on the host whose
+        norm is in `cached` (taken on the device at write-back) is not read again; a streamed
+        group's grad is normed where it is (its device copy, else the cached norm)."""
+        if not infos:
             return torch.tensor(0.0)
-        first = grads[0].device
-        norms: list[torch.Tensor | None] = [None] * len(grads)
+        target = self.placement.device.device
+        norms: list[torch.Tensor | None] = [None] * len(infos)
+        tensors: dict[int, torch.Tensor] = {}
+        for pos, info in enumerate(infos):
+            chunk = info.group.grad
+            if info.group.index in self._streamed:
+                if chunk.resident:  # read in place, not acquired: queued before any later move
+                    tensors[pos] = chunk.view(chunk.device, info.slot, info.shape)
+                elif info.index in cached:  # its last write-back took it
+                    norms[pos] = cached[info.index]
+                else:  # not normed at write-back (e.g. unscaled since): read the host copy
+                    host = self.placement.host_tensor(chunk, drop_device=False)
+                    tensors[pos] = chunk.view(host, info.slot, info.shape)
+            elif info.group.index not in self._device_side and info.index in cached:
+                norms[pos] = cached[info.index]
+            else:
+                tensors[pos] = grads[info.index]
         positions: dict[torch.device, list[int]] = defaultdict(list)
-        for pos, grad in enumerate(grads):
-            positions[grad.device].append(pos)
+        for pos, tensor in tensors.items():
+            positions[tensor.device].append(pos)
         for device, pos_list in positions.items():
-            found = torch._foreach_norm([grads[p] for p in pos_list], 2.0)
-            if device != first:  # cost: one small copy (a sync when it goes GPU -> CPU)
-                found = list(torch.stack(found).to(first).unbind())
+            found = _norms([tensors[p] for p in pos_list])  # a pass over these grads
+            if device != target:  # cost: one small host -> device copy
+                found = list(torch.stack(found).to(target).unbind())
             for pos, norm in zip(pos_list, found):
                 norms[pos] = norm
         return torch.linalg.vector_norm(torch.stack(norms), 2.0)
 
-    def _clip(self, grads: list[torch.Tensor], total: torch.Tensor) -> None:
+    def _clip(self, grads: list[torch.Tensor], total: torch.Tensor) -> torch.Tensor | None:
+        """Scale the fp32 grads as torch's clip_grad_norm_ does; return the coefficient (None
+        when it is 1: no pass over the grads at all). bf16 grads are scaled as they are widened
+        to fp32 for AdamW. (Folding the scale into the fused AdamW as its `grad_scale` divisor
+        would save the pass but round differently from plain PyTorch.)"""
         coef = torch.clamp(self.config.grad_clip / (total + _NORM_EPS), max=1.0)
-        for device, tensors in _by_device(grads).items():
+        if float(coef) >= 1.0:  # a read of a value `total`'s host read already waited for
+            return None
+        for device, tensors in _by_device([g for g in grads if g.dtype == torch.float32]).items():
             torch._foreach_mul_(tensors, coef.to(device))
+        return coef
 
-    def _adam_group(self, group: ChunkGroup, infos: list[ParamInfo], grads: dict[int, torch.Tensor], lr: float) -> None:
-        master = self._hold(group.master, infos)
-        exp_avg = self._hold(group.exp_avg, infos)
-        exp_avg_sq = self._hold(group.exp_avg_sq, infos)
+    def _choose_device_side(self, *, stream: bool) -> None:
+        """Groups homed on the device, plus (when `stream`) the first host-homed groups (the
+        next forward needs them first, and backward drained their grads last) up to
+        `stream_share` of the host-homed elements. Stable from step to step while homes stay,
+        so the step's trace holds."""
+        self._streamed = set()
+        hosted = [g for g in self.groups if not g.optimizer_on_device and g.has_state]
+        goal = self.stream_share * sum(g.grad.numel for g in hosted) if stream else 0.0
+        taken = 0
+        for group in hosted:
+            if taken + group.grad.numel / 2 > goal:
+                break
+            self._streamed.add(group.index)
+            taken += group.grad.numel
+        self._device_side = {g.index for g in self.groups if g.optimizer_on_device} | self._streamed
+
+    def streamed_groups(self) -> list[int]:
+        """Host-homed groups whose AdamW ran on the device in the last step."""
+        return sorted(i for i in self._device_side if not self.groups[i].optimizer_on_device)
+
+    def _adam_all(self, owned: dict[int, list[ParamInfo]], grads: dict[int, torch.Tensor], lr: float,
+                  coef: torch.Tensor | None) -> dict[str, float]:
+        """AdamW for every owned group: the CPU's groups on a worker thread (torch's kernels
+        release the GIL) while this thread drives the device's, so both engines run at once.
+        Every placement call stays on this thread: the CPU groups' chunks are held before the
+        worker starts and let go after it ends."""
+        cpu = [(self.groups[i], infos) for i, infos in owned.items() if i not in self._device_side]
+        dev = [(self.groups[i], infos) for i, infos in owned.items() if i in self._device_side]
+        held = [(group, infos, self._hold_state(group, infos)) for group, infos in cpu]
+        times = {"opt_cpu_adam": 0.0}
+
+        def cpu_work() -> None:
+            begin = time.perf_counter()
+            for group, infos, state in held:
+                self._update(group, infos, grads, lr, coef, state)
+            times["opt_cpu_adam"] = time.perf_counter() - begin
+
+        worker = None
+        if held and dev:
+            worker = threading.Thread(target=_capture(cpu_work), name="homestar-cpu-adam")
+            worker.start()
+        else:
+            cpu_work()
+        begin = time.perf_counter()
+        for group, infos in dev:
+            streamed = group.index in self._streamed
+            own = self._hold_grads(group, infos, coef) if streamed else grads
+            state = self._hold_state(group, infos)
+            wide = None
+            if group.grad.dtype != torch.float32:  # budgeted like a chunk: the device may be full
+                wide = self.placement.scratch(group.grad.numel, torch.float32)
+            self._update(group, infos, own, lr, coef, state, wide)
+            if wide is not None:
+                self.placement.free_scratch(wide)
+            self._let_go_state(group, infos)
+            if streamed:
+                self._let_go(group.grad, infos)
+        times["opt_device_adam_issue"] = time.perf_counter() - begin
+        if worker is not None:
+            worker.join()
+            if worker.error is not None:  # type: ignore[attr-defined]
+                raise worker.error  # type: ignore[attr-defined]
+        for group, infos, _ in held:
+            self._let_go_state(group, infos)
+        return times
+
+    def _hold_grads(self, group: ChunkGroup, infos: list[ParamInfo], coef: torch.Tensor | None) -> dict[int, torch.Tensor]:
+        """A streamed group's grads, held on the device now (clipped here when fp32; bf16 ones
+        are clipped as they are widened)."""
+        tensor = self._hold(group.grad, infos)
+        self._held_grads[group.index] = tensor
+        grads = {info.index: group.grad.view(tensor, info.slot, info.shape) for info in infos}
+        if coef is not None and tensor.dtype == torch.float32:
+            torch._foreach_mul_(list(grads.values()), coef.to(tensor.device))
+        return grads
+
+    def _hold_state(self, group: ChunkGroup, infos: list[ParamInfo]) -> tuple[torch.Tensor, ...]:
+        """Master, both moments and (when separate) the param chunk, where this group updates;
+        the step counts moved there too."""
+        state = tuple(self._hold(c, infos) for c in (group.master, group.exp_avg, group.exp_avg_sq))
+        if group.param is not group.master:
+            state += (self._hold(group.param, infos),)
+        for info in infos:
+            self._step_tensor(info, state[0].device)
+        return state
+
+    def _let_go_state(self, group: ChunkGroup, infos: list[ParamInfo]) -> None:
+        for chunk in {id(c): c for c in (group.param, group.master, group.exp_avg, group.exp_avg_sq)}.values():
+            self._let_go(chunk, infos)
+
+    def _update(self, group: ChunkGroup, infos: list[ParamInfo], grads: dict[int, torch.Tensor], lr: float,
+                coef: torch.Tensor | None, state: tuple[torch.Tensor, ...], wide: torch.Tensor | None = None) -> None:
+        """The AdamW maths of one group on tensors already held (no placement calls: this may
+        run on the worker thread). `wide`: the device side's fp32 buffer for bf16 grads."""
+        master, exp_avg, exp_avg_sq = state[:3]
+        if group.grad.dtype != torch.float32:
+            grads = self._widen(group, infos, coef, wide)
         beta1, beta2 = self.config.betas
         for decay in (True, False):
             chosen = [info for info in infos if info.decay is decay]
             if not chosen:
                 continue
-            steps = [self._step_tensor(info, master.device) for info in chosen]
+            steps = [self.steps[info.index] for info in chosen]
             torch._foreach_add_(steps, 1)
             torch._fused_adamw_(
                 [group.master.view(master, i.slot, i.shape) for i in chosen],
@@ -161,10 +312,32 @@ class ChunkAdamW:
                 found_inf=None,
             )
         if group.param is not group.master:
-            self._hold(group.param, infos).copy_(master)  # fp32 master -> compute dtype, whole chunk
-            self._let_go(group.param, infos)
-        for chunk in (group.master, group.exp_avg, group.exp_avg_sq):
-            self._let_go(chunk, infos)
+            state[3].copy_(master)  # fp32 master -> compute dtype, whole chunk
+
+    def _widen(self, group: ChunkGroup, infos: list[ParamInfo], coef: torch.Tensor | None,
+               wide: torch.Tensor | None) -> dict[int, torch.Tensor]:
+        """fp32 copies of a group's bf16 grads (the fused AdamW reads grads in the master's
+        dtype), clipped by `coef`: one pass over the chunk into `wide` (the device side's
+        budgeted scratch) or, on the host side, one buffer reused by every CPU group."""
+        numel = group.grad.numel
+        if wide is None:
+            if self._host_scratch is None or self._host_scratch.numel() < numel:
+                self._host_scratch = torch.empty(numel, dtype=torch.float32)  # once per run
+            wide = self._host_scratch[:numel]
+        wide.copy_(self._held_grads[group.index])
+        if coef is not None:
+            wide.mul_(coef.to(wide.device))
+        return {info.index: group.grad.view(wide, info.slot, info.shape) for info in infos}
+
+    def _note_grad_norms(self, chunk: Chunk, tensor: torch.Tensor) -> None:
+        """A grad chunk's device copy is about to be written back: take the norm of each
+        parameter's grad in it there (device kernels queued on the compute stream, no sync)."""
+        if chunk.kind is not Kind.GRAD:
+            return
+        infos = [info for info in self._infos_of[chunk.group] if info.has_grad]
+        if infos:
+            norms = _norms([chunk.view(tensor, info.slot, info.shape) for info in infos])
+            self._norms.update(zip((info.index for info in infos), norms))
 
     def discard_grads(self) -> None:
         """Forget every accumulated gradient (a failed step's) without updating anything."""
@@ -173,7 +346,11 @@ class ChunkAdamW:
     def _finish(self, by_group: dict[int, list[ParamInfo]]) -> None:
         """Release the staged grads, discard every gradient, forget who had one."""
         for index, infos in by_group.items():
-            self._let_go(self.groups[index].grad, infos)
+            if index not in self._streamed:  # a streamed group let its grads go as it updated
+                self._let_go(self.groups[index].grad, infos)
+        self._streamed = set()
+        self._norms.clear()
+        self._held_grads.clear()
         for group in self.groups:
             self.placement.clear(group.grad)
         for info in self.table:
@@ -182,7 +359,7 @@ class ChunkAdamW:
     # -- helpers --------------------------------------------------------------------------
     def _hold(self, chunk: Chunk, infos: list[ParamInfo]) -> torch.Tensor:
         indices = [info.index for info in infos]
-        if self.groups[chunk.group].optimizer_on_device:
+        if chunk.group in self._device_side:
             return self.placement.acquire(chunk, indices)
         return self.placement.acquire_on_host(chunk, indices)
 
@@ -208,6 +385,25 @@ class ChunkAdamW:
             self.steps.pop(info.index, None)
         else:
             self.steps[info.index] = torch.tensor(float(value), dtype=torch.float32, device=device)
+
+
+def _capture(work):
+    """`work` wrapped so that an exception it raises is kept on the thread for the joiner."""
+    def run() -> None:
+        thread = threading.current_thread()
+        thread.error = None  # type: ignore[attr-defined]
+        try:
+            work()
+        except BaseException as error:  # handed to the joining thread, raised there
+            thread.error = error  # type: ignore[attr-defined]
+    return run
+
+
+def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-tensor 2-norms as torch's clip_grad_norm_ takes them; of bf16 grads, in fp32."""
+    if tensors and tensors[0].dtype != torch.float32:
+        return list(torch._foreach_norm(tensors, 2.0, dtype=torch.float32))
+    return list(torch._foreach_norm(tensors, 2.0))
 
 
 def _by_device(tensors: list[torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:

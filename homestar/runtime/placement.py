@@ -13,7 +13,7 @@ moment samples the non-model peak since the previous one. The same code runs on 
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -46,6 +46,9 @@ class Placement:
         self.stats = {"fetches": 0, "evictions": 0, "writebacks": 0, "prefetches": 0}
         self.peak_device = 0
         """Highest accounted device bytes seen: resident chunks plus measured non-model memory."""
+        self.on_write_back: Callable[[Chunk, torch.Tensor], None] | None = None
+        """Called with a chunk and its device copy right before that copy is written back (the
+        optimizer takes grad norms there, on the device, as backward drains grads)."""
 
     # -- compute access -------------------------------------------------------------------
     def acquire(self, chunk: Chunk, indices: Iterable[int]) -> torch.Tensor:
@@ -118,6 +121,7 @@ class Placement:
             if drop_device:
                 self._evict(chunk)
             else:
+                self._before_write_back(chunk)
                 chunk.event = self.device.write_back(chunk.device, chunk.host, chunk.event)
                 chunk.device_dirty = False
                 self.stats["writebacks"] += 1
@@ -258,10 +262,27 @@ class Placement:
 
     def _evict(self, chunk: Chunk) -> None:
         if chunk.device_dirty and not chunk.is_empty():
+            self._before_write_back(chunk)
             chunk.event = self.device.write_back(chunk.device, chunk.host, chunk.event)  # async D2H
             self.stats["writebacks"] += 1
         self._discard(chunk)
         self.stats["evictions"] += 1
+
+    def scratch(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A transient device buffer charged to the budget like a chunk (held chunks are evicted
+        to make room); give it back with `free_scratch`."""
+        nbytes = numel * dtype.itemsize
+        self._make_room(nbytes)
+        out = self.device.alloc(numel, dtype)
+        self._note_peak()
+        return out
+
+    def free_scratch(self, tensor: torch.Tensor) -> None:
+        self.device.free(tensor)
+
+    def _before_write_back(self, chunk: Chunk) -> None:
+        if self.on_write_back is not None:
+            self.on_write_back(chunk, chunk.device)
 
     def _discard(self, chunk: Chunk) -> None:
         del self._by_ptr[chunk.device.untyped_storage().data_ptr()]

@@ -20,7 +20,20 @@ _ALLOCATION_FAILURES = ("cudaHostAlloc", "pinned memory", "pin memory", "CUDA ou
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """True for torch.OutOfMemoryError and for RuntimeErrors of failed pinned/host allocations."""
+    """True for torch.OutOfMemoryError, for RuntimeErrors of failed pinned/host allocations, and
+    for any error raised `from` one of those (the chunk runtime re-raises a device OOM as a
+    BudgetError with its own figures): the `__cause__` chain is followed to its end."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if _is_allocation_failure(cause):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__
+    return False
+
+
+def _is_allocation_failure(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError):
         return True
     return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _ALLOCATION_FAILURES)

@@ -21,7 +21,7 @@ from typing import Callable
 import psutil
 import torch
 
-from homestar.errors import CheckpointError, ConfigError
+from homestar.errors import BudgetError, CheckpointError, ConfigError
 from homestar.train import events as ev
 from homestar.train import faults
 from homestar.train.checkpoint import save_checkpoint
@@ -120,6 +120,7 @@ class Trainer:
 
     def train_step(self) -> None:
         cfg, step = self.config, self.progress.step
+        faults.maybe_squeeze(step + 1, cfg.device)
         t0 = time.perf_counter()
         first = self.stream.batches
         losses = self._recovering(lambda: self._accumulate(first, step + 1))
@@ -184,7 +185,7 @@ class Trainer:
         while True:
             try:
                 return work()
-            except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError
+            except (RuntimeError, BudgetError) as exc:  # torch.OutOfMemoryError, or BudgetError raised from one
                 if not is_out_of_memory(exc) or smaller_micro_batch(self.config.micro_batch) is None:
                     raise
                 reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
