@@ -1,7 +1,9 @@
 """Compare the planner's predicted GPU and host peaks with what `homestar bench` measures.
 
 For each preset and GPU budget, take the plan's own settings (micro-batch, chunk size, host chunk
-budget), run the chunk runtime on synthetic tokens, and print predicted vs measured peaks. The
+budget), run the chunk runtime on synthetic tokens, and print predicted vs measured peaks, their
+ratio (measured / predicted) and a verdict against the bars: GPU within 10% and under the cap
+(`--gpu-mem-gib` caps torch's allocator, the CUDA context outside it), host within 15%. The
 plan's chunk size is the one the runtime would pick itself for the same GPU budget.
 
     python bench/plan_vs_measured.py --budgets 8 24 --presets 350m 0.7b 1.3b 2.7b 4b 6.7b
@@ -24,6 +26,33 @@ def homestar(*args: str) -> list[dict]:
     return json.loads(text) if text.startswith("[") else [json.loads(line) for line in text.splitlines()]
 
 
+GPU_BAR = 0.10
+HOST_BAR = 0.15
+
+
+def ratio(measured: float, predicted: float) -> float | None:
+    return measured / predicted if predicted > 0 else None
+
+
+def verdict(result: dict, budget: float, gpu_x: float | None, host_x: float | None, device: str) -> str:
+    """"ok" when every bar holds, else what missed it."""
+    if result.get("status") != "ok":
+        return f"{result.get('status')} {result.get('message', '')}".strip()
+    misses = []
+    if device == "cuda":
+        if gpu_x is None or abs(gpu_x - 1) > GPU_BAR:
+            misses.append(f"gpu off by more than {GPU_BAR:.0%}")
+        if result.get("gpu_peak_gib", 0) > budget:
+            misses.append("gpu over the cap")
+    if host_x is None or abs(host_x - 1) > HOST_BAR:
+        misses.append(f"host off by more than {HOST_BAR:.0%}")
+    return "ok" if not misses else "MISS: " + ", ".join(misses)
+
+
+def fmt_ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--budgets", type=float, nargs="+", default=[8.0, 24.0])
@@ -31,7 +60,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
-    print("preset budget fits       chunk  gpu_pred gpu_meas  host_pred host_meas  tok_s  status")
+    print("preset budget fits       chunk  gpu_pred gpu_meas  gpu_x  host_pred host_meas host_x   tok_s  verdict")
     for budget in args.budgets:
         plans = {p["preset"]: p for p in homestar("plan", "--device", args.device, "--gpu-mem-gib", str(budget), "--json")}
         for name in args.presets:
@@ -45,9 +74,13 @@ def main() -> None:
             if plan.get("cpu_mem_gib"):
                 flags += ["--cpu-mem-gib", str(plan["cpu_mem_gib"])]
             result = homestar(*flags)[0]
-            print(f"{name:6} {budget:6g} {plan['fits']:5} {plan['chunk_elems']:11d} {plan['gpu_peak_gib']:8.2f} {result.get('gpu_peak_gib', 0):8.2f}"
-                  f"  {plan['cpu_peak_gib']:9.2f} {result.get('cpu_peak_gib', 0):9.2f}  {result.get('tok_s', 0):6.0f}"
-                  f"  {result.get('status')} {result.get('message', '')}", flush=True)
+            gpu_meas, host_meas = result.get("gpu_peak_gib", 0), result.get("cpu_peak_gib", 0)
+            gpu_x = ratio(gpu_meas, plan["gpu_peak_gib"]) if args.device == "cuda" else None
+            host_x = ratio(host_meas, plan["cpu_peak_gib"])
+            print(f"{name:6} {budget:6g} {plan['fits']:5} {plan['chunk_elems']:11d} {plan['gpu_peak_gib']:8.2f} "
+                  f"{gpu_meas:8.2f} {fmt_ratio(gpu_x):>6}  {plan['cpu_peak_gib']:9.2f} {host_meas:9.2f} "
+                  f"{fmt_ratio(host_x):>6}  {result.get('tok_s', 0):6.0f}  "
+                  f"{verdict(result, budget, gpu_x, host_x, args.device)}", flush=True)
 
 
 if __name__ == "__main__":

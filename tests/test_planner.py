@@ -7,6 +7,7 @@ from ~1M to 13B parameters built here, so the expectations do not move with the 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 from pathlib import Path
 import warnings
@@ -22,10 +23,12 @@ from homestar.planner import (
 )
 from homestar.planner import plan as plan_module
 from homestar.planner.activations import activation_memory
+from homestar.optim import OptimConfig
 from homestar.planner.memory import model_data, runtime_config
+from homestar.planner.placement import steady_state
 from homestar.planner.speed import GPU_CLASSES, tokens_per_second
 from homestar.planner.probe import cgroup_cpu_quota, cgroup_memory, cpu_cores, disk_free, host_memory
-from homestar.runtime import RuntimeConfig
+from homestar.runtime import RuntimeConfig, attach
 from homestar.runtime.attach import plan_chunks, working_set_bytes_per_elem
 
 GIB = 2**30
@@ -94,9 +97,6 @@ def test_named_sizes_match_the_model_and_its_parameter_count():
 def test_model_data_is_what_attach_allocates():
     """Same chunks, dtypes and bytes as the runtime: attach a small GPT on the CPU (simulated
     device budget small enough to cap the chunk size) and compare with the planner's figures."""
-    from homestar.optim import OptimConfig
-    from homestar.runtime import attach
-
     config = GPTConfig(vocab_size=4096, seq_len=32, d_model=512, n_layer=1, n_head=8)  # 5.3M parameters
     budget = 128 * 2**20  # caps chunks at budget / (8 x working-set bytes per element): 1-1.4M
     for precision in ("fp32", "bf16"):
@@ -211,6 +211,72 @@ def test_a_large_model_at_a_small_budget_needs_16_bytes_per_parameter_of_host():
                host_budget=125 * GIB) is None  # fp32 grads: too much for that host
 
 
+def test_the_gpu_peak_is_the_runtimes_steady_state_not_a_share_of_the_budget():
+    # After its warm-up trace the runtime moves every group whose state fits the margin onto the
+    # device and keeps host-homed param chunks cached while there is room: a model much larger
+    # than the card ends with nearly all of the runtime's budget in use, whatever margin the
+    # verdict kept; one that fits holds its chunks and activations, well under the budget.
+    budget = 8 * GIB
+    big = estimate(FAMILY[6].model, precision="bf16", micro_batch=1, gpu_budget=budget)
+    placed = fit(big, gpu_budget=int(0.85 * budget), host_budget=125 * GIB, runtime_gpu_budget=budget)
+    param_chunk = max(g.param for g in big.data.groups)
+    assert placed.steady_groups == 0 and placed.cached_param_bytes > 0
+    assert budget - param_chunk <= placed.gpu_peak <= budget  # the runtime's budget, not 85% of it
+    assert placed.gpu_min < 0.85 * budget < placed.gpu_peak  # the verdict's margin is on the need
+    assert placed.gpu_card_peak == placed.gpu_peak + big.context  # the context is outside the allocator
+    small = estimate(FAMILY[2].model, precision="bf16", micro_batch=8, gpu_budget=24 * GIB)
+    roomy = fit(small, gpu_budget=24 * GIB, host_budget=125 * GIB)
+    assert roomy.runtime_gpu_budget == 24 * GIB - small.context  # default: the card less the context
+    assert all(roomy.steady) and roomy.cached_param_bytes == 0
+    assert roomy.gpu_peak == small.nonmodel + small.data.total_bytes() < 0.5 * roomy.runtime_gpu_budget
+
+
+def test_plan_gpu_peaks_follow_the_budget_the_runtime_is_given():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PlanWarning)
+        flagged = {p.preset: p for p in make_plan(_machine(_gpu(80, (9, 0), "NVIDIA H200"), 150),
+                                                  presets=FAMILY, gpu_mem_gib=8)}
+        card = _machine(_gpu(8), 150)
+        unflagged = {p.preset: p for p in make_plan(card, presets=FAMILY)}
+    # --gpu-mem-gib caps torch's allocator (the context lies outside it) and the runtime gets all of it
+    assert {p.fits for name, p in flagged.items() if name != "13b"} == {"yes"}
+    assert 7.8 <= flagged["6.7b"].gpu_peak_gib <= 8.0
+    assert flagged["6.7b"].gpu_card_gib == pytest.approx(flagged["6.7b"].gpu_peak_gib + 0.75, abs=0.011)
+    # models larger than the card fill the runtime's budget, past the verdict's 85%; one that fits does not
+    assert all(0.9 * 8 < flagged[name].gpu_peak_gib <= 8.0 for name in ("760m", "1.3b", "2.7b", "6.7b"))
+    assert flagged["debug"].gpu_peak_gib < 1
+    # without the flag the runtime takes the card's free memory once its own context exists
+    free = card.gpus[0].free_bytes / GIB
+    assert free - 0.2 <= unflagged["6.7b"].gpu_card_gib <= free + 0.01
+
+
+@pytest.mark.parametrize("budget", [500_000, 1_200_000, 3_000_000])
+def test_the_steady_state_rule_is_the_runtimes_own(budget):
+    """The planner's steady state against the runtime itself on a simulated device (seven fp32
+    chunk groups of 20k elements, 100 kB of non-model memory throughout): a device far smaller
+    than the model (a param cache only), one that takes a group, one that takes them all."""
+    config, chunk, nonmodel = GPTConfig(vocab_size=256, seq_len=32, d_model=64, n_layer=2, n_head=4), 20_000, 100_000
+    est = dataclasses.replace(estimate(config, precision="fp32", micro_batch=2, device="cpu", chunk_elems=chunk),
+                              nonmodel=nonmodel)
+    homes, _, peak = steady_state(est, cpu_cap=float("inf"), gpu_cap=budget)
+    torch.manual_seed(0)
+    engine = attach(GPT(config), RuntimeConfig(device="cpu", chunk_elems=chunk, gpu_budget_bytes=budget),
+                    OptimConfig(lr=1e-3))
+    engine.placement.device.simulate_nonmodel(nonmodel)
+    idx = torch.randint(0, config.vocab_size, (2, config.seq_len), generator=torch.Generator().manual_seed(1))
+    for _ in range(2):  # warm-up (traced, then re-planned), then a steady step
+        engine.placement.peak_device = 0
+        engine.forward_backward(idx, torch.roll(idx, -1, 1), 1.0)
+        engine.step(1e-3)
+    assert engine.stats()["device_groups"] == [i for i, dev in enumerate(homes) if dev]
+    assert peak - 4 * chunk <= engine.stats()["peak_device_bytes"] <= peak  # within one param chunk
+    if all(homes):
+        assert peak == est.data.total_bytes() + nonmodel < budget
+    else:  # full to within one group: no further group fits
+        assert budget - peak < max(g.total for g in est.data.groups)
+    engine.close()
+
+
 def test_speed_matches_the_runtime_measured_on_the_reference_gpu():
     # 1.3B, micro-batch 8 x 1024, 2 micro-batches, every group resident: 23.5k tokens/s measured.
     config = GPTConfig(vocab_size=50304, seq_len=1024, d_model=2048, n_layer=24, n_head=32)
@@ -243,7 +309,7 @@ def test_every_profile_gets_one_sensible_plan_within_its_budgets(profile):
             assert plan.est_tok_s is None
             continue
         assert plan.cpu_peak_gib <= machine.ram_available / GIB + 0.01
-        assert plan.gpu_peak_gib <= gpu_budget + 0.01
+        assert plan.gpu_peak_gib <= plan.gpu_card_gib <= gpu_budget + 0.01  # the card's free memory, context in
         if plan.fits == "yes":
             assert plan.cpu_peak_gib <= 0.85 * machine.ram_available / GIB + 0.01
         assert (plan.cpu_mem_gib is not None) == ("--cpu-mem-gib" in plan.reason)

@@ -68,3 +68,17 @@ def test_default_chunk_size_fits_the_largest_parameter():
 def test_bad_runtime_config_is_a_config_error(bad):
     with pytest.raises(ConfigError):
         RuntimeConfig(**bad)
+
+
+@pytest.mark.parametrize("world, expected", [(1, torch.bfloat16), (2, torch.float32)])
+def test_bf16_grad_chunks_on_one_process_fp32_across_several(world, expected):
+    from homestar.runtime.collectives import Collective
+
+    config = RuntimeConfig(device="cpu", precision="bf16", chunk_elems=1 << 14)
+    model = GPT(GPTConfig(vocab_size=VOCAB, seq_len=SEQ, n_layer=2, n_head=2, d_model=32))
+    engine = attach(model, config, OptimConfig(lr=1e-3), collective=Collective(rank=0, world=world))
+    assert {g.grad.dtype for g in engine.groups} == {expected}
+    assert {g.param.dtype for g in engine.groups} == {torch.bfloat16}
+    host_grad_bytes = sum(g.grad.nbytes for g in engine.groups)
+    assert host_grad_bytes == expected.itemsize * sum(g.grad.numel for g in engine.groups)
+    engine.close()

@@ -50,7 +50,7 @@ def test_half_precision_tracks_fp32_training(precision):
 def test_fp16_overflow_skips_the_step_and_backs_off():
     setup = Setup()
     engine = attach_precision(make_model(setup), setup, "fp16", loss_scale_init=2.0**40)
-    before = engine.state_dict()
+    before = copy.deepcopy(engine.state_dict())  # the state shares the chunks' memory
     (idx, targets), = batches(1, 1)[0]
     engine.forward_backward(idx, targets, 1.0)
     report = engine.step(1e-3)

@@ -5,7 +5,8 @@ budgets), `recommend()` names the one to train, `format_table()` / `plans_json()
 plan. Imports torch (through the model) but never textual, datasets, the trainer or the app.
 """
 
-from homestar.planner.memory import Estimate, Fit, Overheads, estimate, fit, named_sizes
+from homestar.planner.memory import Estimate, Overheads, estimate, named_sizes
+from homestar.planner.placement import Fit, fit
 from homestar.planner.plan import PlanWarning, PresetPlan, make_plan, recommend
 from homestar.planner.probe import GPUInfo, MachineInfo, probe
 from homestar.planner.report import format_table, machine_summary, plans_json

@@ -6,10 +6,6 @@ For a model shape, precision, micro-batch and sequence length it counts, in byte
   device budget, padding and oversized chunks included, and each group's bytes with the
   runtime's dtypes (bf16: param 2, grad 2, fp32 master 4, Adam m 4, v 4 = 16 bytes per element;
   fp16: 18, its grads are fp32; fp32: 16, the param doubles as master);
-- where those chunks live under given budgets, decided by the runtime's own rule
-  (`runtime.homes.plan_homes`): chunk groups are homed on the host (pinned on CUDA, at their exact
-  size) unless the host budget cannot hold them, then on the GPU; after the warm-up trace,
-  groups whose whole state fits in the GPU's margin move there too;
 - what must be on the GPU at once: the param chunks in use (a module may straddle two) and
   prefetched, the grad chunk being filled and one draining;
 - activations (`activations.py`);
@@ -25,8 +21,9 @@ peaked (ru_maxrss) at 24.06 GiB for 22.93 GiB of chunks and attach's transient, 
 besides; `homestar train --preset 2.7b --gpu-mem-gib 8` held 46.94 GiB (RSS) for 45.74 GiB of
 chunks, 1.20 GiB besides. `Overheads.host_base_cuda_bytes` is that, with room for larger corpora.
 
-Every figure is a pure function of the shape and budgets: nothing is allocated. Speed lives in
-`speed.py`, verdicts and the recommendation in `plan.py`. Knows nothing of presets, of the
+Every figure is a pure function of the shape: nothing is allocated. Where the chunks live under
+given budgets, and the peaks that follow, is `placement.py`; speed lives in `speed.py`, verdicts
+and the recommendation in `plan.py`. Knows nothing of presets, of the
 machine's hardware or of the runtime's live state. Not counted: the host copies a checkpoint
 save makes (the trainer's, not the runtime's).
 """
@@ -36,12 +33,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from homestar.errors import BudgetError, ConfigError
+from homestar.errors import ConfigError
 from homestar.model import GPTConfig
 from homestar.planner.activations import ActivationMemory, activation_memory
 from homestar.runtime.attach import plan_chunks
 from homestar.runtime.config import RuntimeConfig
-from homestar.runtime.homes import GroupBytes, plan_homes, working_set
+from homestar.runtime.homes import GroupBytes
 from homestar.runtime.layout import Layout
 
 MIB = 2**20
@@ -163,12 +160,17 @@ class Estimate:
         grads = sorted((g.grad for g in groups), reverse=True)[:self.grads_in_use]
         return sum(params) + sum(grads)
 
-    def host_scratch(self, on_host: list[bool]) -> int:
-        """The CPU optimizer's fp32 buffer for narrower grads: the largest host-side chunk."""
+    def widen_scratch(self, chosen: list[bool]) -> int:
+        """The optimizer's fp32 buffer for narrower grads on one side (the chosen groups'): as
+        large as its largest chunk. On the device it is charged like a chunk, one group at a time."""
         if self.data.grad_bytes >= 4:
             return 0
-        elems = [self.data.layout.chunk_numel(i) for i, host in enumerate(on_host) if host]
+        elems = [self.data.layout.chunk_numel(i) for i, picked in enumerate(chosen) if picked]
         return 4 * max(elems, default=0)
+
+    def host_scratch(self, on_host: list[bool]) -> int:
+        """The CPU optimizer's fp32 buffer for narrower grads: the largest host-side chunk."""
+        return self.widen_scratch(on_host)
 
     def attach_peak(self, on_device: list[bool]) -> int:
         """Host bytes of model data while `attach` packs the fp32 model: group by group its
@@ -180,122 +182,6 @@ class Estimate:
             peak = max(peak, held + unpacked)
             unpacked -= _FP32_MODEL_BYTES * used
         return max(peak, self.model_bytes)
-
-
-@dataclass(kw_only=True, slots=True, frozen=True)
-class Fit:
-    """Where the chunks live under given budgets, and the resulting peaks. On the CPU every
-    figure is host memory and `gpu_*` are zero."""
-
-    est: Estimate
-    device_groups: int
-    """Groups homed on the GPU from the start (the host budget could not hold them)."""
-    steady: tuple[bool, ...]
-    """Per group: on the GPU after the warm-up trace (its optimizer runs there)."""
-    cached_param_bytes: int
-    """Param chunks of host-homed groups that stay cached on the GPU between uses."""
-    gpu_min: int
-    """The least GPU memory the run trains in (context included)."""
-    gpu_peak: int
-    """GPU memory in steady state: the runtime caches chunks up to its budget."""
-    host_peak: int
-    """Host memory of the process; on CUDA its chunk buffers are pinned (cannot be swapped)."""
-    runtime_host_budget: int | None
-    """The host budget to give the runtime (chunk bytes only) for this placement; None when
-    every group fits on the host anyway."""
-
-    @property
-    def steady_groups(self) -> int:
-        return sum(self.steady)
-
-    @property
-    def streamed(self) -> GroupBytes:
-        """Bytes of the groups that stay homed on the host, summed by role."""
-        groups = [g for g, dev in zip(self.est.data.groups, self.steady) if not dev]
-        return GroupBytes(param=sum(g.param for g in groups), grad=sum(g.grad for g in groups),
-                          rest=sum(g.rest for g in groups))
-
-    @property
-    def streamed_elems(self) -> int:
-        """Elements of the groups whose optimizer runs on the CPU."""
-        return sum(self.est.data.layout.chunk_numel(i) for i, dev in enumerate(self.steady) if not dev)
-
-
-def fit(est: Estimate, *, gpu_budget: int | None, host_budget: int) -> Fit | None:
-    """The placement the runtime would choose under these budgets (bytes; on the CPU
-    `gpu_budget` caps the simulated device space, None: unbounded); None when it would refuse."""
-    if est.device == "cpu":
-        return _fit_cpu(est, gpu_budget, host_budget)
-    if gpu_budget is None:
-        raise ValueError("a CUDA plan needs a GPU budget")
-    return _fit_cuda(est, gpu_budget, host_budget)
-
-
-def _fit_cpu(est: Estimate, simulated: int | None, host_budget: int) -> Fit | None:
-    # The simulated device keeps a copy of every param and grad chunk it can through the warm-up
-    # step, before groups move there for good: at that peak the host holds both.
-    data, n = est.data, est.data.n_chunks
-    copies = sum(g.param + g.grad for g in data.groups)
-    copies = copies if simulated is None else min(copies, simulated)
-    training = data.total_bytes() + est.host_scratch([True] * n) + est.nonmodel + copies
-    host = est.host_base + max(est.attach_peak([False] * n), training)
-    if host > host_budget or (simulated is not None and est.chunks_in_use() > simulated):
-        return None
-    return Fit(est=est, device_groups=0, steady=(False,) * n, cached_param_bytes=0, gpu_min=0, gpu_peak=0,
-               host_peak=host, runtime_host_budget=None)
-
-
-def _fit_cuda(est: Estimate, gpu_budget: int, host_budget: int) -> Fit | None:
-    groups, n = list(est.data.groups), est.data.n_chunks
-    gpu_cap = gpu_budget - est.context
-    # The runtime's own check counts two param chunks and one grad chunk; reserve the prefetched
-    # and draining ones too, so a plan that fits also overlaps its transfers.
-    reserve = est.nonmodel + max(0, est.chunks_in_use() - working_set(groups, [False] * n))
-    homes = _start_homes(est, groups, gpu_cap, reserve, host_budget)
-    if homes is None:
-        return None
-    start, cpu_cap, host_peak = homes
-    try:
-        settled = plan_homes(groups, gpu_cap=gpu_cap, cpu_cap=cpu_cap, nonmodel=reserve, policy="auto", fill=True)
-    except BudgetError:
-        return None
-    streamed = [not dev for dev in start]
-    working = est.chunks_in_use(streamed) if any(streamed) else 0
-    on_gpu = sum(g.total for g, dev in zip(groups, start) if dev)
-    gpu_min = est.context + est.nonmodel + on_gpu + working
-    # Steady state: groups homed on the GPU, then param chunks cached in the room left beside
-    # the grad chunk in use. The runtime fills its budget with whatever chunks it has (measured
-    # on an H200 it went past it by 0.6-1.9 GiB: its trace saw less non-model memory).
-    left = [g for g, dev in zip(groups, settled) if not dev]
-    room = gpu_cap - est.nonmodel - sum(g.total for g, dev in zip(groups, settled) if dev)
-    room -= max((g.grad for g in left), default=0)
-    cached = max(0, min(sum(g.param for g in left), room))
-    gpu_peak = min(max(est.context + est.nonmodel + est.data.total_bytes(), gpu_min), gpu_budget)
-    return Fit(est=est, device_groups=sum(start), steady=tuple(settled), cached_param_bytes=cached, gpu_min=gpu_min,
-               gpu_peak=gpu_peak, host_peak=host_peak, runtime_host_budget=int(cpu_cap) if any(start) else None)
-
-
-def _start_homes(est: Estimate, groups: list[GroupBytes], gpu_cap: int, reserve: int,
-                 host_budget: int) -> tuple[list[bool], float, int] | None:
-    """The runtime's homes at attach under the host budget, the chunk budget that yields them
-    and the host peak. The chunk budget starts at what the process leaves and shrinks while
-    attach's transient fp32 parameters or the optimizer's scratch would push past the budget
-    (a few rounds: each one homes more groups on the GPU)."""
-    cpu_cap = float(host_budget - est.host_base)
-    for _ in range(8):
-        if cpu_cap < 0:
-            return None
-        try:
-            start = plan_homes(groups, gpu_cap=gpu_cap, cpu_cap=cpu_cap, nonmodel=reserve, policy="auto", fill=False)
-        except BudgetError:
-            return None
-        on_host = [not dev for dev in start]
-        chunks = sum(g.total for g, host in zip(groups, on_host) if host)
-        peak = est.host_base + max(est.attach_peak(start), chunks + est.host_scratch(on_host))
-        if peak <= host_budget:
-            return start, cpu_cap, peak
-        cpu_cap = min(cpu_cap, chunks) - (peak - host_budget)
-    return None
 
 
 def estimate(

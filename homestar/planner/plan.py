@@ -9,11 +9,16 @@ cap, such as a large embedding, in a chunk of its own): the plan names it, and `
 hands it to the runtime. Budgets default to the first GPU's free memory and the host's
 available memory (cgroup-aware); `--gpu-mem-gib` / `--cpu-mem-gib` replace them. A GPU budget
 counts the CUDA context, as a card's memory does. A preset
-- fits ("yes") when the runtime could place it within 85% of both budgets (`memory.fit`),
+- fits ("yes") when the runtime could place it within 85% of both budgets (`placement.fit`),
 - is "tight" when it could place it only within the full budgets,
 - does not fit ("no") otherwise.
-A fitting plan's peaks are those of the runtime given the budgets the verdict was reached with
-(85% of them for "yes"). When the host cannot hold every chunk group the runtime homes the rest
+A fitting plan's host peak is the runtime's under the budgets the verdict was reached with (85%
+of them for "yes"). Its GPU peak is the runtime's steady state under the device budget the
+runtime will actually be given, the whole `--gpu-mem-gib` or the card's free memory less the
+context: the runtime caches chunks up to its budget, so a model larger than the card ends near
+it whatever margin the verdict kept. `gpu_peak_gib` counts torch's allocator alone, as
+`homestar bench` measures it and `--gpu-mem-gib` caps it; `gpu_card_gib` adds the context.
+When the host cannot hold every chunk group the runtime homes the rest
 on the GPU, which it does only when told the host budget: the plan then carries the
 `cpu_mem_gib` to train with, and its reason says so.
 
@@ -37,7 +42,8 @@ from dataclasses import dataclass
 
 from homestar.errors import BudgetError, ConfigError
 from homestar.model import Preset, list_presets, load_preset
-from homestar.planner.memory import GIB, Fit, Overheads, estimate, fit
+from homestar.planner.memory import GIB, Overheads, estimate
+from homestar.planner.placement import Fit, fit
 from homestar.planner.probe import GPUInfo, MachineInfo
 from homestar.planner.probe import probe as probe_machine
 from homestar.planner.speed import GpuClass, SpeedFacts, UNKNOWN_GPU, gpu_class, tokens_per_second
@@ -60,8 +66,9 @@ class PresetPlan:
     """"yes" (within 85% of both budgets), "tight" (within them) or "no"."""
     recommended: bool
     gpu_peak_gib: float
-    """Predicted GPU memory at the step's peak, context included (0 on the CPU); for a plan
-    that does not fit, the least it would need. Rounded up to 0.01 GiB."""
+    """Predicted GPU memory torch's allocator holds at the steady peak, CUDA context excluded
+    (what `homestar bench` reports and `--gpu-mem-gib` caps; 0 on the CPU); for a plan that
+    does not fit, the least it would need. Rounded up to 0.01 GiB."""
     cpu_peak_gib: float
     """Predicted host memory of the process; on CUDA its chunk buffers are pinned."""
     chunk_elems: int
@@ -77,6 +84,8 @@ class PresetPlan:
     cpu_mem_gib: float | None = None
     """The --cpu-mem-gib to train this plan with, when the host cannot hold every chunk group
     and the runtime must home some on the GPU (it counts chunk bytes only); None otherwise."""
+    gpu_card_gib: float = 0.0
+    """`gpu_peak_gib` plus the CUDA context: what the card holds (0 on the CPU)."""
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -86,7 +95,11 @@ class _Target:
     device: str
     precision: str
     gpu_budget: int | None
-    """GPU bytes; on the CPU the simulated device space's budget (None: unbounded)."""
+    """GPU bytes, context included; on the CPU the simulated device space's budget (None:
+    unbounded)."""
+    runtime_gpu_budget: int | None
+    """The device budget the runtime will be given (allocator bytes, context excluded): the
+    whole --gpu-mem-gib, else the card's free memory less the context. None on the CPU."""
     host_budget: int
     gpu: GpuClass
     cores: int
@@ -106,7 +119,7 @@ def make_plan(
 
     The budgets (GiB) replace the machine's free GPU memory and available host memory; a budget
     that is not a positive number is a ConfigError, one larger than the machine a PlanWarning."""
-    target = _target(machine, gpu_mem_gib, cpu_mem_gib, device)
+    target = _target(machine, gpu_mem_gib, cpu_mem_gib, device, overheads.cuda_context_bytes)
     plans = [_plan_preset(p, target, facts, overheads) for p in _presets(presets)]
     return _mark_recommended(plans, facts)
 
@@ -123,7 +136,8 @@ def recommend(*, gpu_mem_gib: float | None = None, cpu_mem_gib: float | None = N
 # ---------------------------------------------------------------- inputs
 
 
-def _target(machine: MachineInfo, gpu_mem_gib: float | None, cpu_mem_gib: float | None, device: str) -> _Target:
+def _target(machine: MachineInfo, gpu_mem_gib: float | None, cpu_mem_gib: float | None, device: str,
+            context: int) -> _Target:
     _check_budget("--gpu-mem-gib", gpu_mem_gib)
     _check_budget("--cpu-mem-gib", cpu_mem_gib)
     if device not in ("auto", "cuda", "cpu"):
@@ -133,15 +147,18 @@ def _target(machine: MachineInfo, gpu_mem_gib: float | None, cpu_mem_gib: float 
     host_budget = _host_budget(machine, cpu_mem_gib)
     if device == "cpu":  # a GPU budget sizes the simulated device space, inside host memory
         simulated = None if gpu_mem_gib is None else int(gpu_mem_gib * GIB)
-        return _Target(device="cpu", precision="fp32", gpu_budget=simulated, host_budget=host_budget,
-                       gpu=UNKNOWN_GPU, cores=machine.cpu_cores)
+        return _Target(device="cpu", precision="fp32", gpu_budget=simulated, runtime_gpu_budget=None,
+                       host_budget=host_budget, gpu=UNKNOWN_GPU, cores=machine.cpu_cores)
     gpu = machine.gpus[0] if machine.gpus else None
     if gpu is None and gpu_mem_gib is None:
         raise ConfigError("no CUDA GPU on this machine; plan for one with --gpu-mem-gib, or use --device cpu")
     if gpu is None:
         _warn(f"no CUDA GPU on this machine; planning for a hypothetical {gpu_mem_gib:g} GiB card")
+    gpu_budget = _gpu_budget(gpu, gpu_mem_gib)
+    # the runtime is given --gpu-mem-gib whole, or takes the card's free memory once its context exists
+    runtime_gpu_budget = gpu_budget if gpu_mem_gib is not None else max(gpu_budget - context, 0)
     return _Target(device="cuda", precision="bf16" if gpu is None or gpu.bf16 else "fp16",
-                   gpu_budget=_gpu_budget(gpu, gpu_mem_gib), host_budget=host_budget,
+                   gpu_budget=gpu_budget, runtime_gpu_budget=runtime_gpu_budget, host_budget=host_budget,
                    gpu=gpu_class(gpu), cores=machine.cpu_cores)
 
 
@@ -207,7 +224,8 @@ def _plan_preset(preset: Preset, target: _Target, facts: SpeedFacts, overheads: 
     est = best.fit.est
     return PresetPlan(
         preset=preset.name, params=preset.params, fits=best.fits, recommended=False,
-        gpu_peak_gib=_gib_up(best.fit.gpu_min if best.fits == "no" else best.fit.gpu_peak),
+        gpu_peak_gib=_gib_up(_gpu_figure(best) - est.context if target.device == "cuda" else 0),
+        gpu_card_gib=_gib_up(_gpu_figure(best)),
         cpu_peak_gib=_gib_up(best.fit.host_peak),
         chunk_elems=est.data.chunk_elems, micro_batch=est.micro_batch, accum=global_batch // est.micro_batch,
         device=target.device, precision=target.precision,
@@ -226,13 +244,20 @@ def _option(preset: Preset, micro_batch: int, accum: int, target: _Target, facts
     for verdict, share in (("yes", MARGIN), ("tight", 1.0)):
         gpu_budget = None if target.gpu_budget is None else int(target.gpu_budget * share)
         host_budget = int(target.host_budget * share)
-        placed = fit(est, gpu_budget=gpu_budget, host_budget=host_budget)
+        placed = fit(est, gpu_budget=gpu_budget, host_budget=host_budget,
+                     runtime_gpu_budget=target.runtime_gpu_budget)
         if placed is not None:
             tok_s = tokens_per_second(placed, preset.model, accum=accum, gpu=target.gpu, cores=target.cores, facts=facts)
             return _Option(fit=placed, fits=verdict, tok_s=tok_s)
     # What it would need with room to spare: every group homed on the host.
     needs = fit(est, gpu_budget=None if cpu else 1 << 62, host_budget=1 << 62)
     return _Option(fit=needs, fits="no", tok_s=0.0)
+
+
+def _gpu_figure(option: _Option) -> int:
+    """Card memory (context included) of the plan: the steady peak, or for a plan that does not
+    fit the least it would need; 0 on the CPU."""
+    return option.fit.gpu_min if option.fits == "no" else option.fit.gpu_card_peak
 
 
 def _best(options: list[_Option]) -> _Option:

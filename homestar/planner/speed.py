@@ -31,7 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from homestar.model import GPTConfig
-from homestar.planner.memory import Fit
+from homestar.planner.placement import Fit
 from homestar.planner.probe import GPUInfo
 
 

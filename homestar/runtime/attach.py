@@ -14,6 +14,7 @@ move to the compute device. Knows nothing of GPT, data or the trainer.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
@@ -54,6 +55,7 @@ def attach(
     process's rank among those sharing the optimizer's work (default: one process, all state here).
     """
     comm = collective or Collective()
+    config = _for_ranks(config, comm)
     named = _unique_parameters(model)
     device = _device_space(config)
     host = HostMemory(config.cpu_budget_bytes, pin=config.device == "cuda")
@@ -121,6 +123,7 @@ def plan_chunks(sizes: list[tuple[str, int]], config: RuntimeConfig, budget: int
     group's bytes on `collective`'s rank (optimizer state only for owned groups); allocates nothing. The configured chunk size, or the least-waste size under a
     cap derived from the budget (a parameter above the cap, such as a large embedding, gets a
     chunk of its own)."""
+    config = _for_ranks(config, collective or Collective())
     if config.chunk_elems is not None:
         chunk_elems = config.chunk_elems
     else:
@@ -131,6 +134,14 @@ def plan_chunks(sizes: list[tuple[str, int]], config: RuntimeConfig, budget: int
         chunk_elems = choose_chunk_elems(sizes, align=config.align_elems, max_elems=cap)
     layout = plan_layout(sizes, chunk_elems, align=config.align_elems, oversize=True)
     return layout, _group_bytes(layout, config, collective or Collective())
+
+
+def _for_ranks(config: RuntimeConfig, comm: Collective) -> RuntimeConfig:
+    """Across several processes grads stay fp32 ("auto" grad precision): the reduce onto each
+    group's owner sums in the chunks' dtype, and bf16 would lose the small ones."""
+    if comm.world > 1 and config.grad_precision == "auto":
+        return dataclasses.replace(config, grad_precision="fp32")
+    return config
 
 
 def working_set_bytes_per_elem(config: RuntimeConfig) -> int:

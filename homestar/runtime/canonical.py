@@ -28,13 +28,18 @@ from homestar.runtime.states import Move
 def export_state(table: ParamTable, adamw: ChunkAdamW, placement: Placement, scaler: LossScaler | None,
                  keep: Callable[[ParamInfo], bool] | None = None) -> dict:
     """Canonical state of the parameters `keep` selects (all by default: one rank's shard
-    otherwise); "step" and extras are the whole optimizer's."""
+    otherwise); "step" and extras are the whole optimizer's.
+
+    Like `nn.Module.state_dict`, the tensors share memory with the engine: views into the host
+    chunk buffers (a chunk homed on the device is copied to the host once), valid as of this
+    call until the next step or load; clone what must outlive that. A checkpoint of a model that
+    fills the host therefore stages no second copy of it."""
     cache: dict[int, torch.Tensor] = {}
 
     def read(chunk: Chunk, info) -> torch.Tensor:
         if chunk.id not in cache:
             cache[chunk.id] = placement.read(chunk)  # may write back or sync: export only
-        return chunk.view(cache[chunk.id], info.slot, info.shape).float().clone()
+        return chunk.view(cache[chunk.id], info.slot, info.shape)  # fp32 chunks: a view, no copy
 
     weights, exp_avg, exp_avg_sq, steps = {}, {}, {}, {}
     for info in table:

@@ -43,7 +43,8 @@ class RuntimeConfig:
     """dtype of grad chunks. "auto": bf16 under bf16 (autograd's grads of bf16 weights are bf16
     already; stored as they come, host memory is 16 bytes per parameter, not 18, and half the
     bytes cross PCIe; accumulation over micro-batches then rounds to bf16 each time), fp32
-    otherwise (fp16 unscales in fp32). "fp32": always fp32."""
+    otherwise (fp16 unscales in fp32) and whenever several processes share the work (their
+    reduce sums in the chunks' dtype). "fp32": always fp32."""
     optimizer_placement: str = "auto"
     """Where AdamW runs per chunk group. "auto": groups whose whole state fits in the device
     margin the warm-up trace measured run on the device, the rest on the CPU. "host": on the CPU

@@ -22,6 +22,7 @@ from collections import defaultdict
 import torch
 
 from homestar.optim import OptimConfig, StepReport
+from homestar.runtime.adam_math import SLICE_ELEMS, Span, fused_adamw, param_norms, sliced_adamw
 from homestar.runtime.binding import ParamInfo, ParamTable
 from homestar.runtime.chunk import Chunk, ChunkGroup, Kind
 from homestar.runtime.collectives import Collective
@@ -57,7 +58,7 @@ class ChunkAdamW:
         self._held_grads: dict[int, torch.Tensor] = {}
         """Each staged group's whole grad chunk tensor, by group index (for the fp32 widening)."""
         self._host_scratch: torch.Tensor | None = None
-        """fp32 buffer of one chunk on the host, reused by every CPU group's widened grads."""
+        """fp32 buffer of one slice on the host, reused by every CPU group's widened grads."""
         self.stream_share = 0.0
         """Fraction of the host-homed groups' elements whose AdamW streams through the device
         (state copied in, updated there, written back as it is evicted) while the CPU updates
@@ -171,7 +172,7 @@ class ChunkAdamW:
         for pos, tensor in tensors.items():
             positions[tensor.device].append(pos)
         for device, pos_list in positions.items():
-            found = _norms([tensors[p] for p in pos_list])  # a pass over these grads
+            found = param_norms([tensors[p] for p in pos_list])  # a pass over these grads
             if device != target:  # cost: one small host -> device copy
                 found = list(torch.stack(found).to(target).unbind())
             for pos, norm in zip(pos_list, found):
@@ -285,49 +286,31 @@ class ChunkAdamW:
         """The AdamW maths of one group on tensors already held (no placement calls: this may
         run on the worker thread). `wide`: the device side's fp32 buffer for bf16 grads."""
         master, exp_avg, exp_avg_sq = state[:3]
-        if group.grad.dtype != torch.float32:
-            grads = self._widen(group, infos, coef, wide)
-        beta1, beta2 = self.config.betas
+        param = state[3] if group.param is not group.master else None
+        torch._foreach_add_([self.steps[info.index] for info in infos], 1)
+        if group.grad.dtype != torch.float32 and wide is None:  # bf16 grads on the host
+            if self._host_scratch is None:
+                self._host_scratch = torch.empty(SLICE_ELEMS, dtype=torch.float32)  # once per run
+            spans = [Span(offset=i.slot.offset, numel=i.slot.numel, step=self.steps[i.index], decay=i.decay)
+                     for i in infos]
+            sliced_adamw(spans, self._held_grads[group.index], master, exp_avg, exp_avg_sq, param,
+                         self._host_scratch, coef=None if coef is None else coef.cpu(), lr=lr, config=self.config)
+            return
+        if wide is not None:  # bf16 grads on the device: the whole chunk widened at once
+            wide.copy_(self._held_grads[group.index])
+            if coef is not None:
+                wide.mul_(coef.to(wide.device))
+            grads = {info.index: group.grad.view(wide, info.slot, info.shape) for info in infos}
         for decay in (True, False):
             chosen = [info for info in infos if info.decay is decay]
-            if not chosen:
-                continue
-            steps = [self.steps[info.index] for info in chosen]
-            torch._foreach_add_(steps, 1)
-            torch._fused_adamw_(
-                [group.master.view(master, i.slot, i.shape) for i in chosen],
-                [grads[i.index] for i in chosen],
-                [group.exp_avg.view(exp_avg, i.slot, i.shape) for i in chosen],
-                [group.exp_avg_sq.view(exp_avg_sq, i.slot, i.shape) for i in chosen],
-                [],
-                steps,
-                amsgrad=False,
-                lr=lr,
-                beta1=beta1,
-                beta2=beta2,
-                weight_decay=self.config.weight_decay if decay else 0.0,
-                eps=self.config.eps,
-                maximize=False,
-                grad_scale=None,
-                found_inf=None,
-            )
-        if group.param is not group.master:
-            state[3].copy_(master)  # fp32 master -> compute dtype, whole chunk
-
-    def _widen(self, group: ChunkGroup, infos: list[ParamInfo], coef: torch.Tensor | None,
-               wide: torch.Tensor | None) -> dict[int, torch.Tensor]:
-        """fp32 copies of a group's bf16 grads (the fused AdamW reads grads in the master's
-        dtype), clipped by `coef`: one pass over the chunk into `wide` (the device side's
-        budgeted scratch) or, on the host side, one buffer reused by every CPU group."""
-        numel = group.grad.numel
-        if wide is None:
-            if self._host_scratch is None or self._host_scratch.numel() < numel:
-                self._host_scratch = torch.empty(numel, dtype=torch.float32)  # once per run
-            wide = self._host_scratch[:numel]
-        wide.copy_(self._held_grads[group.index])
-        if coef is not None:
-            wide.mul_(coef.to(wide.device))
-        return {info.index: group.grad.view(wide, info.slot, info.shape) for info in infos}
+            if chosen:
+                fused_adamw([group.master.view(master, i.slot, i.shape) for i in chosen],
+                            [grads[i.index] for i in chosen],
+                            [group.exp_avg.view(exp_avg, i.slot, i.shape) for i in chosen],
+                            [group.exp_avg_sq.view(exp_avg_sq, i.slot, i.shape) for i in chosen],
+                            [self.steps[i.index] for i in chosen], lr=lr, config=self.config, decay=decay)
+        if param is not None:
+            param.copy_(master)  # fp32 master -> compute dtype, whole chunk
 
     def _note_grad_norms(self, chunk: Chunk, tensor: torch.Tensor) -> None:
         """A grad chunk's device copy is about to be written back: take the norm of each
@@ -336,8 +319,8 @@ class ChunkAdamW:
             return
         infos = [info for info in self._infos_of[chunk.group] if info.has_grad]
         if infos:
-            norms = _norms([chunk.view(tensor, info.slot, info.shape) for info in infos])
-            self._norms.update(zip((info.index for info in infos), norms))
+            found = param_norms([chunk.view(tensor, info.slot, info.shape) for info in infos])
+            self._norms.update(zip((info.index for info in infos), found))
 
     def discard_grads(self) -> None:
         """Forget every accumulated gradient (a failed step's) without updating anything."""
@@ -397,13 +380,6 @@ def _capture(work):
         except BaseException as error:  # handed to the joining thread, raised there
             thread.error = error  # type: ignore[attr-defined]
     return run
-
-
-def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Per-tensor 2-norms as torch's clip_grad_norm_ takes them; of bf16 grads, in fp32."""
-    if tensors and tensors[0].dtype != torch.float32:
-        return list(torch._foreach_norm(tensors, 2.0, dtype=torch.float32))
-    return list(torch._foreach_norm(tensors, 2.0))
 
 
 def _by_device(tensors: list[torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:

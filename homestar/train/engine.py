@@ -44,7 +44,9 @@ class Engine(Protocol):
         directly, without grads (the engine makes the weights available as the model runs)."""
 
     def state_dict(self) -> dict:
-        """{"weights": {...}, "optimizer": {...}} in the canonical form above, on the CPU."""
+        """{"weights": {...}, "optimizer": {...}} in the canonical form above, on the CPU. The
+        tensors may share memory with the engine (valid until its next step or load), as
+        `nn.Module.state_dict`'s do: clone what must outlive that."""
 
     def load_state_dict(self, state: dict) -> None:
         """Inverse of state_dict(); tolerant of either engine's output."""

@@ -30,9 +30,8 @@ POLL_SECONDS = 1.0
 WORKING_RESERVE = 64 << 20
 """Allocator slack, token batches, event records: host bytes the step needs besides chunks."""
 
-STAGING_BYTES_PER_PARAM = 36
-"""A checkpoint's host copies: fp32 weights and two moments (12 B/param) cloned, a serialisation
-buffer of the same size, and the read-back of device-homed chunks."""
+STATE_BYTES_PER_PARAM = 12
+"""fp32 master weights and the two Adam moments: what a checkpoint holds per parameter."""
 
 
 def host_chunk_budget(config, *, rss: int) -> int | None:
@@ -44,12 +43,20 @@ def host_chunk_budget(config, *, rss: int) -> int | None:
         return None
     cap = int(config.cpu_mem_gib * GIB)
     simulated = int(config.gpu_mem_gib * GIB) if config.device == "cpu" and config.gpu_mem_gib else 0
-    overhead = rss + simulated + STAGING_BYTES_PER_PARAM * config.params + _activation_bytes(config) + WORKING_RESERVE
+    overhead = rss + simulated + _staging_bytes(config) + _activation_bytes(config) + WORKING_RESERVE
     if cap - overhead <= 0:
         raise BudgetError(f"--cpu-mem-gib {config.cpu_mem_gib:g} leaves nothing for the model: the process already "
                           f"holds {rss / GIB:.2f} GiB and needs {(overhead - rss) / GIB:.2f} GiB more besides its "
                           f"chunks; raise --cpu-mem-gib to at least {overhead / GIB + 0.05:.2f}")
     return cap - overhead
+
+
+def _staging_bytes(config) -> int:
+    """Host bytes a checkpoint adds: the runtime hands host-homed chunks to the writer in place
+    (safetensors writes from the tensors without a copy: none measured for a 1 GiB tensor) and
+    copies chunks homed on the device to the host, at most what the device budget holds."""
+    state = STATE_BYTES_PER_PARAM * config.params
+    return state if config.gpu_mem_gib is None else min(state, int(config.gpu_mem_gib * GIB))
 
 
 def _activation_bytes(config) -> int:
