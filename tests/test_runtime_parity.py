@@ -40,6 +40,9 @@ CASES = {
     "clip-active": (Setup(grad_clip=0.05), {}),
     "no-clip": (Setup(grad_clip=0.0), {}),
     "optimizer-on-device": (Setup(), {"budget_chunks": 64, "optimizer_placement": "device"}),
+    # all on the device: resident mode (grads accumulate in place in their chunks, no hooks' work)
+    "resident-accum4-checkpointing": (Setup(accum=4, checkpoint=True),
+                                      {"budget_chunks": 64, "optimizer_placement": "device"}),
     "optimizer-split": (Setup(), {"budget_chunks": 14, "optimizer_placement": "auto"}),
     "optimizer-streamed": (Setup(), {"budget_chunks": 6, "optimizer_stream_share": 0.5}),
 }
@@ -60,7 +63,8 @@ def test_parity_with_torch_adamw(name):
     stats = engine.stats()
     if overrides.get("optimizer_placement") == "device":
         assert stats["device_groups"] == list(range(len(engine.groups)))
-        assert stats["evictions"] == 0
+        assert stats["evictions"] == 0 and stats["fetches"] == 0
+        assert engine.hooks.resident
     elif name == "optimizer-split":
         assert 0 < len(stats["device_groups"]) < len(engine.groups)
     elif name == "optimizer-streamed":  # half the groups' AdamW on the device, half on the CPU thread

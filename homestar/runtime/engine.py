@@ -70,6 +70,7 @@ class ChunkedEngine:
         self.hooks = RuntimeHooks(model, table, placement)
         self.device = placement.device.device
         self._closed = False
+        self._update_resident()
 
     # -- the Engine protocol --------------------------------------------------------------
     def forward_backward(self, idx: torch.Tensor, targets: torch.Tensor, loss_div: float) -> torch.Tensor:
@@ -157,6 +158,7 @@ class ChunkedEngine:
             raise ValueError(f"this engine holds optimizer state for rank {self.adamw.collective.rank} of "
                              f"{self.adamw.collective.world}, not rank {collective.rank} of {collective.world}")
         self.adamw.collective = collective
+        self._update_resident()
 
     @property
     def collective(self) -> Collective:
@@ -230,6 +232,17 @@ class ChunkedEngine:
                 for chunk in group.chunks():
                     self.placement.home_on_host(chunk)
             group.optimizer_on_device = on_device
+        self._update_resident()
+
+    def _update_resident(self) -> None:
+        """Resident mode when every chunk lives on the device (the model fits): no per-module
+        work at all. Needs grads in the params' dtype (autograd accumulates into `.grad`) and
+        one process (the reduce over ranks stages grads itself)."""
+        self.hooks.set_resident(
+            all(g.optimizer_on_device for g in self.groups)
+            and self.config.grad_dtype == self.config.compute_dtype
+            and not self.adamw.collective.active
+        )
 
     def _autocast(self):
         if not self.config.mixed:

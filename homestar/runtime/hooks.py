@@ -10,11 +10,16 @@
 - Gradients: a post-accumulate-grad hook adds each parameter's gradient into its slot of the
   grad chunk (fp32, or bf16 under bf16), drops `.grad`, and ends the parameter's backward hold. Tied parameters
   get one accumulated gradient from autograd; parameters that get none are swept by `end_backward`.
+- Resident mode (`set_resident`), for a model whose every chunk lives on the device: parameters
+  stay bound to their slots and `.grad` is a view of the grad chunk, which autograd accumulates
+  into in place; the module and saved-tensor hooks return at once and the grad hook only notes
+  that a grad arrived. Nothing moves, so no per-module bookkeeping is paid.
 Knows nothing of the optimizer, the trainer or what the model is.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from enum import Enum
 
@@ -54,6 +59,8 @@ class RuntimeHooks:
         self._open: dict[nn.Module, list[list[ParamInfo]]] = {}
         """Per module, a stack (nested calls) of the parameters each running call acquired."""
         self._handles = []
+        self.resident = False
+        """Every parameter bound and every grad a view of its chunk (see `set_resident`)."""
         self._settle = list({id(c): c for info in table for c in (info.group.param, info.group.grad)}.values())
         """Chunks whose slots forward and backward leave in HOLD_AFTER_* (reset settles them)."""
         for module in model.modules():
@@ -65,13 +72,35 @@ class RuntimeHooks:
             if info.param.requires_grad:
                 self._handles.append(info.param.register_post_accumulate_grad_hook(self._grad_hook))
 
+    def set_resident(self, on: bool) -> None:
+        """Enter or leave resident mode (call between works; every param and grad chunk must
+        live on the device to enter). Leaving unbinds the parameters and drops the `.grad` views;
+        grads already accumulated stay in their chunks."""
+        if on == self.resident:
+            return
+        self.resident = on
+        if not on:
+            self.table.unbind_all()
+            for info in self.table:
+                info.param.grad = None
+            return
+        for info in self.table:
+            self.table.bind(info, info.group.param.device)
+            if info.param.requires_grad:
+                grad = info.group.grad
+                info.param.grad = grad.view(grad.device, info.slot, info.shape)  # autograd adds in place
+
     def remove(self) -> None:
+        self.set_resident(False)
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
 
-    def saved_tensors(self) -> torch.autograd.graph.saved_tensors_hooks:
-        """Context for the forward pass: pack chunk views as geometry, re-fetch on unpack."""
+    def saved_tensors(self):
+        """Context for the forward pass: pack chunk views as geometry, re-fetch on unpack
+        (nothing to do in resident mode: chunks never move)."""
+        if self.resident:
+            return contextlib.nullcontext()
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     # -- forward --------------------------------------------------------------------------
@@ -86,6 +115,8 @@ class RuntimeHooks:
         batches = [(infos[0].group.param, [info.index for info in infos], infos) for infos in by_chunk.values()]
 
         def pre_hook(module, args):
+            if self.resident:
+                return
             taken: list = []
             self._open.setdefault(module, []).append(taken)  # what the post-hook releases
             for chunk, indices, infos in batches:  # one access per chunk, not per parameter
@@ -103,6 +134,8 @@ class RuntimeHooks:
 
     def _make_post(self, owned: list[ParamInfo]):
         def post_hook(module, args, output):
+            if self.resident:
+                return
             calls = self._open.get(module)
             for chunk, indices, infos in calls.pop() if calls else ():
                 self.placement.release(chunk, indices, Move.RELEASE_FWD)  # one batch per chunk
@@ -143,6 +176,10 @@ class RuntimeHooks:
     # -- gradients ------------------------------------------------------------------------
     def _grad_hook(self, param: torch.Tensor) -> None:
         info = self.table.of(param)
+        if self.resident:  # autograd added it into the chunk already (.grad views the slot)
+            info.has_grad = True
+            self.placement.move(info.group.grad, info.index, Move.FILL)  # the slot holds data
+            return
         grad, param.grad = param.grad, None
         chunk = info.group.grad
         device_tensor = self.placement.acquire(chunk, [info.index])
@@ -162,6 +199,7 @@ class RuntimeHooks:
         """End of a forward (and backward): every tensor back to HOLD (or FREE), all unbound."""
         self._backward_held.clear()
         self._open.clear()
-        self.table.unbind_all()
+        if not self.resident:
+            self.table.unbind_all()
         for chunk in self._settle:
             chunk.settle()  # one pass per chunk, not one state move per tensor
