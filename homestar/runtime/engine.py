@@ -137,7 +137,9 @@ class ChunkedEngine:
 
     def memory(self) -> dict[str, float]:
         device = self.placement.device
-        return {"gpu_mem": float(device.used + device.nonmodel_bytes()), "cpu_mem": float(self.host.used)}
+        now = float(device.used + device.nonmodel_bytes())
+        return {"gpu_mem": now, "gpu_peak": max(now, float(self.placement.take_recent_peak())),
+                "cpu_mem": float(self.host.used)}
 
     def close(self) -> None:
         """Remove the hooks and free device and host memory; parameters stay placeholders."""

@@ -46,6 +46,8 @@ class Placement:
         self.stats = {"fetches": 0, "evictions": 0, "writebacks": 0, "prefetches": 0}
         self.peak_device = 0
         """Highest accounted device bytes seen: resident chunks plus measured non-model memory."""
+        self._recent_peak = 0
+        """The same since the last `take_recent_peak`."""
         self.on_write_back: Callable[[Chunk, torch.Tensor], None] | None = None
         """Called with a chunk and its device copy right before that copy is written back (the
         optimizer takes grad norms there, on the device, as backward drains grads)."""
@@ -71,7 +73,7 @@ class Placement:
         if chunk.ready is not None:
             self.device.compute_wait(chunk.ready, chunk.device)  # stream wait, no host sync
             chunk.ready = None
-        self.peak_device = max(self.peak_device, self.device.used + nonmodel)
+        self._peak(self.device.used + nonmodel)
         self.prefetch(nonmodel)
         if sampling:
             self.device.open_window()  # after this moment's own allocations
@@ -311,7 +313,16 @@ class Placement:
         return self.device.room(self._reserve(nonmodel))
 
     def _note_peak(self) -> None:
-        self.peak_device = max(self.peak_device, self.device.used + self.device.nonmodel_bytes())
+        self._peak(self.device.used + self.device.nonmodel_bytes())
+
+    def _peak(self, nbytes: int) -> None:
+        self.peak_device = max(self.peak_device, nbytes)
+        self._recent_peak = max(self._recent_peak, nbytes)
+
+    def take_recent_peak(self) -> int:
+        """Highest accounted device bytes since the previous call (then starts a new window)."""
+        peak, self._recent_peak = self._recent_peak, 0
+        return peak
 
     def close(self) -> None:
         """Forget every chunk's memory (after a device sync); the spaces' books go to zero."""

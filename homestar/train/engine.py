@@ -55,7 +55,9 @@ class Engine(Protocol):
         """Placement of every chunk ({"id", "kind", "location", "bytes"}), or None if unchunked."""
 
     def memory(self) -> dict[str, float]:
-        """Current {"gpu_mem": bytes, "cpu_mem": bytes} attributed to this engine."""
+        """{"gpu_mem": bytes now, "gpu_peak": highest GPU bytes since the previous call,
+        "cpu_mem": bytes} attributed to this engine (the step events report the peak: between
+        steps a streaming engine holds little, while it runs it fills its budget)."""
 
     def close(self) -> None:
         """Release device memory, pinned buffers and hooks."""

@@ -114,8 +114,11 @@ class TorchEngine:
         return None
 
     def memory(self) -> dict[str, float]:
-        gpu = torch.cuda.memory_allocated() if self.device.startswith("cuda") else 0
-        return {"gpu_mem": float(gpu), "cpu_mem": 0.0}
+        if not self.device.startswith("cuda"):
+            return {"gpu_mem": 0.0, "gpu_peak": 0.0, "cpu_mem": 0.0}
+        gpu, peak = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()  # host-side counters: the next call's window starts here
+        return {"gpu_mem": float(gpu), "gpu_peak": float(peak), "cpu_mem": 0.0}
 
     def close(self) -> None:
         self.optimizer.state.clear()

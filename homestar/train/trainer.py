@@ -136,7 +136,7 @@ class Trainer:
         tok_s = self.tokens_per_step / elapsed
         memory = self.engine.memory()
         self.emit(ev.Step(time=self._now(), step=self.progress.step, loss=loss, lr=lr, tokens=self.progress.tokens,
-                          tok_s=tok_s, tflops=tok_s * self.flops_per_token / 1e12, gpu_mem=memory["gpu_mem"],
+                          tok_s=tok_s, tflops=tok_s * self.flops_per_token / 1e12, gpu_mem=memory.get("gpu_peak", memory["gpu_mem"]),
                           cpu_mem=float(self._process.memory_info().rss), grad_norm=report.grad_norm,
                           skipped=report.skipped, step_s=elapsed, timings=report.timings))
 
