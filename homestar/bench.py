@@ -16,6 +16,9 @@ import time
 from dataclasses import asdict, dataclass, field
 
 GIB = 2**30
+SNAPSHOT_ENV = "HOMESTAR_MEMORY_SNAPSHOT"
+"""A file path: on CUDA the bench child records the allocator's history and dumps it there when it
+ends, failed or not (load it at pytorch.org/memory_viz to see what held memory at an OOM)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -83,6 +86,19 @@ def _run_child(request: BenchRequest) -> BenchResult:
 
 def _measure(request: BenchRequest) -> BenchResult:
     """In the child: build the model and engine, run warm-up then timed steps."""
+    import torch
+
+    snapshot = os.environ.get(SNAPSHOT_ENV)
+    if snapshot and torch.cuda.is_available():
+        torch.cuda.memory._record_memory_history(max_entries=200_000)  # cost: a stack trace per allocation
+        try:
+            return _measure_steps(request)
+        finally:
+            torch.cuda.memory._dump_snapshot(snapshot)
+    return _measure_steps(request)
+
+
+def _measure_steps(request: BenchRequest) -> BenchResult:
     import torch
 
     from homestar.model import GPT, GPTConfig, load_preset
