@@ -18,10 +18,13 @@ from homestar.train import faults
 from homestar.train.events import read_events
 from homestar.train.faults import OOM_ENV, SQUEEZE_ENV
 from homestar.train.recovery import is_out_of_memory, smaller_micro_batch
+import homestar.train.trainer as trainer_module
 from train_helpers import FAST, step_losses
 
 STEPS = 10
-RUNTIMES = {"torch": ["--runtime", "torch"], "chunked": ["--runtime", "chunked", "--gpu-mem-gib", "0.02"]}
+RUNTIMES = {"torch": ["--runtime", "torch"], "chunked": ["--runtime", "chunked", "--gpu-mem-gib", "0.02"],
+            # the whole model fits the device: resident mode (grads accumulate into chunk views)
+            "chunked-resident": ["--runtime", "chunked", "--gpu-mem-gib", "1"]}
 
 
 def _train(corpus, run_dir, steps, *extra) -> int:
@@ -32,6 +35,7 @@ def _train(corpus, run_dir, steps, *extra) -> int:
 @pytest.mark.parametrize("runtime", list(RUNTIMES))
 def test_injected_oom_is_recovered_without_a_lost_step(runtime, tmp_path, homestar_home, corpus_dir, monkeypatch):
     oom_step = random.Random(f"oom-{runtime}").randint(2, STEPS)
+    monkeypatch.setattr(trainer_module, "CHUNK_EVENT_SECONDS", 0.0)  # a chunk map every step
     whole, hit = tmp_path / "whole", tmp_path / "hit"
     assert _train(corpus_dir, whole, STEPS + 4, *RUNTIMES[runtime]) == 0
     monkeypatch.setenv(OOM_ENV, str(oom_step))
@@ -39,6 +43,9 @@ def test_injected_oom_is_recovered_without_a_lost_step(runtime, tmp_path, homest
     monkeypatch.delenv(OOM_ENV)
 
     events = read_events(hit / "metrics.jsonl")
+    if runtime == "chunked-resident":
+        last = [e for e in events if e["event"] == "chunks"][-1]["chunks"]
+        assert {c["location"] for c in last} == {"gpu"}
     steps = [e["step"] for e in events if e["event"] == "step"]
     assert steps == list(range(1, STEPS + 1))  # every step once: none lost, none repeated
     recovered = [e for e in events if e["event"] == "status" and e["state"] == "oom-recovered"]
