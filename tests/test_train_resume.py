@@ -39,6 +39,24 @@ def test_resume_continues_bit_exact(tmp_path, homestar_home, corpus_dir):
     assert got == expected  # bit-exact: the same floats, step for step
 
 
+def test_resume_is_bit_exact_in_resident_mode(tmp_path, homestar_home, corpus_dir, monkeypatch):
+    """The chunk runtime with the whole model on the (simulated) device: parameters stay bound and
+    grads accumulate into chunk views; a checkpoint then a resume still give the same floats."""
+    import homestar.train.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "CHUNK_EVENT_SECONDS", 0.0)  # a chunk map every step
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    resident = ("--runtime", "chunked", "--gpu-mem-gib", "1", "--accum", "2")
+    _train(corpus_dir, whole, 16, "--save-every", "8", *resident)
+    _train(corpus_dir, split, 8, "--save-every", "8", *resident)
+    assert main(["resume", str(split), "--steps", "16", "--headless"]) == 0
+    expected, got = step_losses(whole), step_losses(split)
+    assert sorted(got) == list(range(1, 17))
+    assert got == expected
+    maps = [e["chunks"] for e in read_events(split / "metrics.jsonl") if e["event"] == "chunks"]
+    assert {c["location"] for c in maps[-1]} == {"gpu"}  # every chunk on the device: resident
+
+
 def test_resume_after_sigkill_between_checkpoints(tmp_path, homestar_home, corpus_dir):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     _train(corpus_dir, whole, 30, "--save-every", "10")
