@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU measurements BENCHMARKS.md needs, in parts that each fit one 10-minute call on the H200
+# machine (run from the repository root; logs and JSON go under ${OUT:-/tmp/gpu_session}):
+#   bash bench/gpu_session.sh checks   # CUDA tests, bf16 parity + 2.7b at 8 GiB, a real OOM recovered (~4 min)
+#   bash bench/gpu_session.sh small    # 350m (vs plain PyTorch), 0.7b, 1.3b, 2.7b at 8 GiB; 0.7b at 24 GiB vs PyTorch (~6 min)
+#   bash bench/gpu_session.sh large    # 4b and 6.7b at 8 GiB; 2.7b with 32k tokens per step (~8 min)
+#   bash bench/gpu_session.sh plan8    # planner prediction vs measurement, every preset, 8 GiB (~9 min)
+#   bash bench/gpu_session.sh plan24   # the same at 24 GiB
+#   bash bench/gpu_session.sh stream   # AdamW streamed through the GPU (1.3b), with an allocator snapshot
+# Timings are estimates from one day's runs; every command has its own timeout so one slow item
+# cannot take the rest of the call with it.
+set -u
+OUT=${OUT:-/tmp/gpu_session}; mkdir -p "$OUT"
+export HOMESTAR_HOME=${HOMESTAR_HOME:-/tmp/hs} PYTHONUNBUFFERED=1
+T0=$(date +%s)
+say() { echo "[t=$(( $(date +%s) - T0 ))s] $*"; }
+bench() {  # bench NAME TIMEOUT ARGS...: one `homestar bench` line, its JSON kept under $OUT
+  local name=$1 limit=$2; shift 2
+  say "bench $name"
+  timeout "$limit" python -m homestar bench --device cuda "$@" --json > "$OUT/$name.json" 2> "$OUT/$name.err" \
+    || echo "  (exit $?: $(tail -1 "$OUT/$name.err"))"
+  python - "$OUT/$name.json" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    parts = " ".join(f"{k} {v:.3f}" for k, v in r["breakdown"].items())
+    print(f"  {r['system']:8} {r['preset']:5} {r['status']:5} {r['tok_s']:9,.0f} tok/s {r['tflops']:6.1f} TFLOP/s"
+          f"  gpu {r['gpu_peak_gib']:.2f}  host {r['cpu_peak_gib']:.2f} GiB  {parts} {r['message']}")
+PY
+}
+B8=(--gpu-mem-gib 8 --micro-batch 2)
+case "${1:-}" in
+  checks)
+    say "CUDA tests"; timeout 120 python -m pytest -q -p no:cacheprovider tests/test_runtime_cuda.py 2>&1 | tail -2
+    say "gpu_check"; OUT=$OUT/check timeout 300 bash bench/gpu_check.sh 2>&1 | grep -v "^step " | tail -6
+    say "gpu_oom"; OUT=$OUT/oom timeout 200 bash bench/gpu_oom.sh 2>&1 | tail -14 ;;
+  small)
+    bench 350m_8 90 --preset 350m "${B8[@]}" --steps 4 --warmup 2 --baseline
+    bench 0.7b_8 90 --preset 0.7b "${B8[@]}" --steps 3 --warmup 2
+    bench 1.3b_8 90 --preset 1.3b "${B8[@]}" --steps 3 --warmup 2
+    bench 2.7b_8 120 --preset 2.7b "${B8[@]}" --steps 3 --warmup 2
+    bench 0.7b_24 90 --preset 0.7b --gpu-mem-gib 24 --micro-batch 2 --steps 4 --warmup 2 --baseline ;;
+  large)
+    bench 4b_8 180 --preset 4b "${B8[@]}" --steps 2 --warmup 2
+    bench 6.7b_8 240 --preset 6.7b "${B8[@]}" --steps 2 --warmup 1
+    bench 2.7b_8_32k 150 --preset 2.7b --gpu-mem-gib 8 --micro-batch 8 --accum 4 --steps 2 --warmup 1 ;;
+  plan8|plan24)
+    budget=${1#plan}; say "plan vs measured at $budget GiB"
+    timeout 560 python bench/plan_vs_measured.py --budgets "$budget" --steps 2 2>&1 | tee "$OUT/plan$budget.txt" ;;
+  stream)
+    export HOMESTAR_MEMORY_SNAPSHOT=$OUT/stream_snapshot.pickle
+    bench 1.3b_stream 120 --preset 1.3b "${B8[@]}" --steps 3 --warmup 2 --stream-share 0.5 ;;
+  *) echo "usage: bash bench/gpu_session.sh checks|small|large|plan8|plan24|stream" >&2; exit 2 ;;
+esac
+say done
