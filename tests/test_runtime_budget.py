@@ -110,3 +110,45 @@ def test_plan_homes_fills_the_measured_margin_from_the_last_group():
         plan_homes(groups, gpu_cap=100, cpu_cap=100, nonmodel=0, policy="host", fill=False)
     with pytest.raises(BudgetError):
         plan_homes(groups, gpu_cap=150, cpu_cap=inf, nonmodel=0, policy="device", fill=False)
+
+
+@pytest.mark.parametrize("precision, checkpoint", [("fp32", False), ("bf16", True)])
+def test_an_evicted_chunk_holds_no_memory_when_the_runtime_allocates_again(monkeypatch, precision, checkpoint):
+    """Accounting frees a chunk's device bytes when it is evicted; nothing may keep the tensor
+    alive past that point, or the real device holds more than the budget says (streamed AdamW
+    evicts one group's state to make room for the next)."""
+    import weakref
+
+    from homestar.runtime.placement import Placement
+
+    evicted: list = []
+    discard, acquire, scratch = Placement._discard, Placement.acquire, Placement.scratch
+
+    def tracking_discard(self, chunk):
+        evicted.append((chunk.id, weakref.ref(chunk.device)))
+        discard(self, chunk)
+
+    def check_then(call):
+        def wrapped(self, *args, **kwargs):
+            alive = [chunk_id for chunk_id, ref in evicted if ref() is not None]
+            assert not alive, f"evicted chunks {alive} still referenced"
+            return call(self, *args, **kwargs)
+        return wrapped
+
+    setup = Setup(checkpoint=checkpoint)
+    engine = attach_copy(make_model(setup), setup, budget_chunks=12, optimizer_stream_share=0.5, precision=precision)
+    data = batches(3, 1)
+    (idx, targets), = data[0]
+    engine.forward_backward(idx, targets, 1.0)
+    engine.step(1e-3)  # the first step records its trace; the next ones replay it
+    monkeypatch.setattr(Placement, "_discard", tracking_discard)
+    monkeypatch.setattr(Placement, "acquire", check_then(acquire))
+    monkeypatch.setattr(Placement, "scratch", check_then(scratch))
+    for (idx, targets), in data[1:]:
+        evicted.clear()
+        engine.forward_backward(idx, targets, 1.0)
+        assert evicted  # forward and backward evicted chunks too
+        evicted.clear()
+        engine.step(1e-3)
+    assert engine.stats()["streamed_groups"] and evicted
+    engine.close()

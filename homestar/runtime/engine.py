@@ -225,6 +225,7 @@ class ChunkedEngine:
             nonmodel=nonmodel,
             policy=self.config.optimizer_placement,
             fill=True,
+            step_set=self._stream_step_set(),
         )
         for group, on_device in zip(self.groups, wanted):
             if on_device and not group.optimizer_on_device:
@@ -235,6 +236,14 @@ class ChunkedEngine:
                     self.placement.home_on_host(chunk)
             group.optimizer_on_device = on_device
         self._update_resident()
+
+    def _stream_step_set(self) -> int:
+        """Device bytes a streamed group's AdamW holds at once (its chunks, and the fp32 buffer its
+        bf16 grads widen into); 0 when nothing streams."""
+        if self.adamw.stream_share <= 0:
+            return 0
+        widen = 2 if self.config.grad_dtype != torch.float32 else 0  # fp32 buffer = 2x bf16 grad bytes
+        return max(g.total + widen * g.grad for g in self._group_bytes)
 
     def _update_resident(self) -> None:
         """Resident mode when every chunk lives on the device (the model fits): no per-module

@@ -36,9 +36,12 @@ class GroupBytes:
 
 
 def plan_homes(
-    groups: list[GroupBytes], *, gpu_cap: float, cpu_cap: float, nonmodel: int, policy: str, fill: bool
+    groups: list[GroupBytes], *, gpu_cap: float, cpu_cap: float, nonmodel: int, policy: str, fill: bool,
+    step_set: int = 0,
 ) -> list[bool]:
-    """True per group that lives on the device. `fill`: also use the measured margin ("auto")."""
+    """True per group that lives on the device. `fill`: also use the measured margin ("auto").
+    `step_set`: device bytes the optimizer step needs besides the homed groups (a group streamed
+    through the device for AdamW, with its fp32 grad buffer); activations are gone by then."""
     home = [policy == "device"] * len(groups)
     host_need = sum(g.total for g, dev in zip(groups, home) if not dev)
     for i in reversed(range(len(groups))):
@@ -47,18 +50,26 @@ def plan_homes(
         if not home[i]:
             home[i] = True
             host_need -= groups[i].total
-    device_need = nonmodel + sum(g.total for g, dev in zip(groups, home) if dev) + working_set(groups, home)
+    homed = sum(g.total for g, dev in zip(groups, home) if dev)
+    device_need = homed + max(nonmodel + working_set(groups, home), step_set)
     if host_need > cpu_cap or device_need > gpu_cap:
         raise BudgetError(_explain(groups, gpu_cap, cpu_cap, nonmodel))
     if fill and policy == "auto":
-        cached = sum(g.param for g, dev in zip(groups, home) if not dev)
-        margin = gpu_cap - nonmodel - sum(g.total for g, dev in zip(groups, home) if dev) - cached
-        margin -= max((g.grad for g in groups), default=0)
         for i in reversed(range(len(groups))):
-            if not home[i] and groups[i].state <= margin:
+            if not home[i]:
                 home[i] = True
-                margin -= groups[i].state
+                if _steady_need(groups, home, nonmodel, step_set) > gpu_cap:
+                    home[i] = False
     return home
+
+
+def _steady_need(groups: list[GroupBytes], home: list[bool], nonmodel: int, step_set: int) -> int:
+    """Device bytes in steady state: the homed groups, plus the larger of backward's needs (the
+    activations, every streamed param chunk cached, one grad chunk) and the step's."""
+    homed = sum(g.total for g, dev in zip(groups, home) if dev)
+    cached = sum(g.param for g, dev in zip(groups, home) if not dev)
+    backward = nonmodel + cached + max((g.grad for g in groups), default=0)
+    return homed + max(backward, step_set)
 
 
 def working_set(groups: list[GroupBytes], home: list[bool]) -> int:

@@ -236,18 +236,7 @@ class ChunkAdamW:
             cpu_work()
         begin = time.perf_counter()
         for group, infos in dev:
-            streamed = group.index in self._streamed
-            own = self._hold_grads(group, infos, coef) if streamed else grads
-            state = self._hold_state(group, infos)
-            wide = None
-            if group.grad.dtype != torch.float32:  # budgeted like a chunk: the device may be full
-                wide = self.placement.scratch(group.grad.numel, torch.float32)
-            self._update(group, infos, own, lr, coef, state, wide)
-            if wide is not None:
-                self.placement.free_scratch(wide)
-            self._let_go_state(group, infos)
-            if streamed:
-                self._let_go(group.grad, infos)
+            self._update_on_device(group, infos, grads, lr, coef)
         times["opt_device_adam_issue"] = time.perf_counter() - begin
         if worker is not None:
             worker.join()
@@ -256,6 +245,25 @@ class ChunkAdamW:
         for group, infos, _ in held:
             self._let_go_state(group, infos)
         return times
+
+    def _update_on_device(self, group: ChunkGroup, infos: list[ParamInfo], grads: dict[int, torch.Tensor],
+                          lr: float, coef: torch.Tensor | None) -> None:
+        """One device-side group: hold, update, let go. Its own function so that no tensor of it
+        outlives the call: a streamed group's chunks may be evicted to make room for the next
+        group's, and a lingering reference would keep memory the budget counts as free."""
+        streamed = group.index in self._streamed
+        own = self._hold_grads(group, infos, coef) if streamed else grads
+        state = self._hold_state(group, infos)
+        wide = None
+        if group.grad.dtype != torch.float32:  # budgeted like a chunk: the device may be full
+            wide = self.placement.scratch(group.grad.numel, torch.float32)
+        self._update(group, infos, own, lr, coef, state, wide)
+        if wide is not None:
+            self.placement.free_scratch(wide)
+        self._let_go_state(group, infos)
+        if streamed:
+            self._let_go(group.grad, infos)
+            del self._held_grads[group.index]
 
     def _hold_grads(self, group: ChunkGroup, infos: list[ParamInfo], coef: torch.Tensor | None) -> dict[int, torch.Tensor]:
         """A streamed group's grads, held on the device now (clipped here when fp32; bf16 ones
