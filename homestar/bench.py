@@ -3,6 +3,10 @@
 Each system runs in its own child process, so memory peaks are its own and one running out of
 memory cannot take the other down. Needs neither textual nor datasets (the GPU machine has
 neither). TFLOP/s counts 6*params + 12*layers*seq*d_model FLOPs per token (SPEC).
+
+The breakdown, per timed step on average: forward, backward and forward_backward (wall time to
+the end of backward), h2d and d2h (seconds the upload and offload streams spent copying, which
+overlap compute), the optimizer and its parts (opt_*). Steps are timed between device syncs.
 """
 
 from __future__ import annotations
@@ -130,6 +134,8 @@ def _measure_steps(request: BenchRequest) -> BenchResult:
         if device == "cuda":
             x, y = x.pin_memory(), y.pin_memory()
         times, breakdown = [], {}
+        if hasattr(engine, "time_phases"):
+            engine.time_phases()  # forward, backward, copies each way: timing events, no syncs
         for i in range(request.warmup + request.steps):
             if device == "cuda":
                 torch.cuda.synchronize()  # note: timing boundary, outside the measured work
@@ -142,8 +148,11 @@ def _measure_steps(request: BenchRequest) -> BenchResult:
             float(torch.stack(losses).sum())  # note: sync, as the trainer does once per step
             if device == "cuda":
                 torch.cuda.synchronize()
+            phases = engine.take_phases() if hasattr(engine, "take_phases") else {}  # after the sync above
             if i >= request.warmup:
                 times.append(time.perf_counter() - t0)
+                for k, v in phases.items():
+                    breakdown[k] = breakdown.get(k, 0.0) + v / request.steps
                 breakdown["forward_backward"] = breakdown.get("forward_backward", 0.0) + (t1 - t0) / request.steps
                 for k, v in report.timings.items():
                     breakdown[k] = breakdown.get(k, 0.0) + v / request.steps
@@ -182,10 +191,12 @@ def _engine(request: BenchRequest, model, optim, device: str, precision: str):
 
 
 def format_results(results: list[BenchResult]) -> str:
+    first = ("forward", "backward", "forward_backward", "h2d", "d2h", "optimizer")
     lines = [f"{'system':<8} {'preset':<7} {'params':>8} {'status':<6} {'tok/s':>10} {'TFLOP/s':>8} "
              f"{'step s':>8} {'GPU GiB':>8} {'host GiB':>8}  breakdown"]
     for r in results:
-        parts = " ".join(f"{k} {v:.3f}" for k, v in r.breakdown.items())
+        keys = [k for k in first if k in r.breakdown] + [k for k in r.breakdown if k not in first]
+        parts = " ".join(f"{k} {r.breakdown[k]:.3f}" for k in keys)
         lines.append(f"{r.system:<8} {r.preset:<7} {r.params / 1e9:>7.2f}B {r.status:<6} {r.tok_s:>10,.0f} "
                      f"{r.tflops:>8.1f} {r.step_s:>8.3f} {r.gpu_peak_gib:>8.2f} {r.cpu_peak_gib:>8.2f}  "
                      f"{parts or r.message}")

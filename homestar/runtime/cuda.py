@@ -91,7 +91,10 @@ class CudaDevice(DeviceSpace):
             stream.wait_event(after)  # stream wait: a pending write-back into src lands first
         with torch.cuda.stream(stream):
             dev = self.alloc(numel, dtype)  # allocated on the upload stream
+            begin = self.clock.start(stream) if self.clock else None
             dev.copy_(src, non_blocking=True)  # async H2D from pinned memory
+            if self.clock:
+                self.clock.stop("h2d", begin, stream)
             event = torch.cuda.Event()
             event.record(stream)
         return dev, event
@@ -107,7 +110,10 @@ class CudaDevice(DeviceSpace):
         if after is not None:
             stream.wait_event(after)  # stream wait: an upload still reading host finishes first
         with torch.cuda.stream(stream):
+            begin = self.clock.start(stream) if self.clock else None
             host.copy_(dev, non_blocking=True)  # async D2H into pinned memory
+            if self.clock:
+                self.clock.stop("d2h", begin, stream)
             event = torch.cuda.Event()
             event.record(stream)
         dev.record_stream(stream)  # dev's memory is not reused before the copy has read it

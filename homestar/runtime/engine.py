@@ -76,15 +76,20 @@ class ChunkedEngine:
     def forward_backward(self, idx: torch.Tensor, targets: torch.Tensor, loss_div: float) -> torch.Tensor:
         idx, targets = self._to_device(idx), self._to_device(targets)
         self.model.train()
+        clock = self.placement.device.clock
         with self._work(("train", tuple(idx.shape), tuple(targets.shape))):
+            mark = clock.start() if clock else None
             self.hooks.phase = Phase.FORWARD
             with self.hooks.saved_tensors(), self._autocast():
                 loss = self.loss_fn(self.model, idx, targets)
+            mark = clock.stop("forward", mark) if clock else None
             self.hooks.phase = Phase.BACKWARD
             scaled = loss / loss_div
             if self.scaler is not None:
                 scaled = scaled * self.scaler.scale
             scaled.backward()
+            if clock:
+                clock.stop("backward", mark)
         return loss.detach()
 
     def step(self, lr: float) -> StepReport:
@@ -165,6 +170,17 @@ class ChunkedEngine:
     @property
     def collective(self) -> Collective:
         return self.adamw.collective
+
+    def time_phases(self) -> None:
+        """From now on, time forward, backward and the copies each way (`take_phases` reads them)."""
+        from homestar.runtime.phases import PhaseClock
+
+        self.placement.device.clock = PhaseClock(cuda=self.device.type == "cuda")
+
+    def take_phases(self) -> dict[str, float]:
+        """Seconds of each timed phase since the last call (on CUDA: call after a synchronise)."""
+        clock = self.placement.device.clock
+        return clock.take() if clock else {}
 
     def stats(self) -> dict:
         """Counters for tests and benchmarks: fetches, evictions, write-backs, prefetches,

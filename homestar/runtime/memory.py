@@ -115,6 +115,8 @@ class DeviceSpace(MemorySpace):
     """
 
     name = "gpu"
+    clock = None
+    """A `phases.PhaseClock` timing every copy ("h2d", "d2h"), when one is set."""
 
     def fetch(self, src: torch.Tensor | None, numel: int, dtype: torch.dtype, after: Any) -> tuple[torch.Tensor, Any]:
         """A new device tensor holding `src` (a host buffer), or zeros when `src` is None."""
@@ -195,9 +197,15 @@ class SimulatedDevice(DeviceSpace):
     def fetch(self, src: torch.Tensor | None, numel: int, dtype: torch.dtype, after: Any) -> tuple[torch.Tensor, Any]:
         dev = self.alloc(numel, dtype, zero=src is None)
         if src is not None:
+            begin = self.clock.start() if self.clock else None
             dev.copy_(src)  # synchronous copy between the two simulated spaces
+            if self.clock:
+                self.clock.stop("h2d", begin)
         return dev, None
 
     def write_back(self, dev: torch.Tensor, host: torch.Tensor, after: Any) -> Any:
+        begin = self.clock.start() if self.clock else None
         host.copy_(dev)
+        if self.clock:
+            self.clock.stop("d2h", begin)
         return None

@@ -1,0 +1,29 @@
+"""`homestar bench` on the CPU: both systems in child processes, figures and a step breakdown."""
+
+from __future__ import annotations
+
+import json
+
+from homestar.cli import main
+
+
+def test_bench_baseline_reports_both_systems_and_where_the_time_went(capsys):
+    code = main(["bench", "--preset", "debug", "--device", "cpu", "--gpu-mem-gib", "0.02", "--seq-len", "64",
+                 "--micro-batch", "2", "--steps", "2", "--warmup", "1", "--baseline", "--json"])
+    assert code == 0
+    results = {r["system"]: r for r in map(json.loads, capsys.readouterr().out.strip().splitlines())}
+    assert set(results) == {"torch", "chunked"}
+    for r in results.values():
+        assert r["status"] == "ok" and r["tok_s"] > 0 and r["step_s"] > 0 and r["cpu_peak_gib"] > 0
+        assert r["params"] > 1_000_000 and (r["micro_batch"], r["seq_len"]) == (2, 64)
+    phases = results["chunked"]["breakdown"]
+    # a 0.02 GiB simulated device streams chunks: both copy directions ran, forward and backward timed
+    for key in ("forward", "backward", "forward_backward", "h2d", "d2h", "optimizer"):
+        assert phases[key] > 0, key
+    assert phases["forward"] + phases["backward"] <= phases["forward_backward"] * 1.05
+
+
+def test_bench_with_an_unknown_preset_fails_in_one_line(capsys):
+    assert main(["bench", "--preset", "nope", "--device", "cpu"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope" in err[0]
