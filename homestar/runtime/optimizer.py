@@ -6,6 +6,10 @@ the CPU for the rest. Both call torch's fused AdamW kernel (`torch._fused_adamw_
 element sees the same maths as plain PyTorch. Also as torch: parameters that got no gradient are
 skipped, each parameter has its own step count, no-decay parameters get weight_decay 0, global-
 norm clipping computes the norm of per-parameter norms, fp16 overflow skips the step.
+Per-parameter grad norms are taken on the device as backward writes each grad chunk back, so the
+step does not read host grads for the norm; bf16 grads are widened to fp32 as AdamW reads them
+(`adam_math`). With a `stream_share`, the first host-homed groups' AdamW runs on the device
+(state streamed in, written back as evicted) while a worker thread updates the CPU's groups.
 Across ranks (a `Collective` of world > 1, group-owner ZeRO): each group's fp32 grads are summed
 onto its owner, the squared norm of the owners' grads is summed over ranks, each owner updates
 its groups alone and broadcasts their param chunks. At world 1 none of that is issued.
