@@ -151,6 +151,7 @@ class ChunkedEngine:
         if self._closed:
             return
         self._closed = True
+        self.adamw.close()
         self.hooks.remove()
         self.placement.close()
 

@@ -19,7 +19,7 @@ Knows nothing of modules, hooks or the trainer.
 from __future__ import annotations
 
 import math
-import threading
+from concurrent.futures import ThreadPoolExecutor
 import time
 from collections import defaultdict
 
@@ -59,8 +59,6 @@ class ChunkAdamW:
         during backward, by layout index: the host copy holds exactly what was normed, so the
         step need not read host grads for the norm. Forgotten when the step ends."""
         placement.on_write_back = self._note_grad_norms
-        self._held_grads: dict[int, torch.Tensor] = {}
-        """Each staged group's whole grad chunk tensor, by group index (for the fp32 widening)."""
         self._host_scratch: torch.Tensor | None = None
         """fp32 buffer of one slice on the host, reused by every CPU group's widened grads."""
         self.stream_share = 0.0
@@ -69,6 +67,8 @@ class ChunkAdamW:
         the rest at the same time; 0: every host-homed group on the CPU."""
         self._device_side: set[int] = set()
         """Groups whose AdamW runs on the device this step (homed there, or streamed)."""
+        self._worker: ThreadPoolExecutor | None = None
+        """The thread that runs the CPU's groups while the device's update (made once)."""
         self._streamed: set[int] = set()
         """The host-homed ones among them: their grads are held one group at a time, as each
         updates, not all at once while the norm is taken."""
@@ -122,7 +122,6 @@ class ChunkAdamW:
                 continue  # held as the group updates (`_adam_all`)
             chunk = self.groups[index].grad
             tensor = self._hold(chunk, infos)
-            self._held_grads[index] = tensor
             # issued in group order on every rank; gloo/NCCL run them while the next is staged
             pending.append(self.collective.reduce_to_owner(tensor, index))
             for info in infos:
@@ -224,28 +223,28 @@ class ChunkAdamW:
         cpu = [(self.groups[i], infos) for i, infos in owned.items() if i not in self._device_side]
         dev = [(self.groups[i], infos) for i, infos in owned.items() if i in self._device_side]
         held = [(group, infos, self._hold_state(group, infos)) for group, infos in cpu]
+        host_coef = None if coef is None or not held else coef.cpu()  # one small copy, not one per group
         times = {"opt_cpu_adam": 0.0}
 
         def cpu_work() -> None:
             begin = time.perf_counter()
             for group, infos, state in held:
-                self._update(group, infos, grads, lr, coef, state)
+                self._update(group, infos, grads, lr, host_coef, state)
             times["opt_cpu_adam"] = time.perf_counter() - begin
 
-        worker = None
+        pending = None
         if held and dev:
-            worker = threading.Thread(target=_capture(cpu_work), name="homestar-cpu-adam")
-            worker.start()
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(1, thread_name_prefix="homestar-cpu-adam")  # reused
+            pending = self._worker.submit(cpu_work)
         else:
             cpu_work()
         begin = time.perf_counter()
         for group, infos in dev:
             self._update_on_device(group, infos, grads, lr, coef)
         times["opt_device_adam_issue"] = time.perf_counter() - begin
-        if worker is not None:
-            worker.join()
-            if worker.error is not None:  # type: ignore[attr-defined]
-                raise worker.error  # type: ignore[attr-defined]
+        if pending is not None:
+            pending.result()  # waits; re-raises what the worker raised
         for group, infos, _ in held:
             self._let_go_state(group, infos)
         return times
@@ -267,13 +266,11 @@ class ChunkAdamW:
         self._let_go_state(group, infos)
         if streamed:
             self._let_go(group.grad, infos)
-            del self._held_grads[group.index]
 
     def _hold_grads(self, group: ChunkGroup, infos: list[ParamInfo], coef: torch.Tensor | None) -> dict[int, torch.Tensor]:
         """A streamed group's grads, held on the device now (clipped here when fp32; bf16 ones
         are clipped as they are widened)."""
         tensor = self._hold(group.grad, infos)
-        self._held_grads[group.index] = tensor
         grads = {info.index: group.grad.view(tensor, info.slot, info.shape) for info in infos}
         if coef is not None and tensor.dtype == torch.float32:
             torch._foreach_mul_(list(grads.values()), coef.to(tensor.device))
@@ -305,11 +302,11 @@ class ChunkAdamW:
                 self._host_scratch = torch.empty(SLICE_ELEMS, dtype=torch.float32)  # once per run
             spans = [Span(offset=i.slot.offset, numel=i.slot.numel, step=self.steps[i.index], decay=i.decay)
                      for i in infos]
-            sliced_adamw(spans, self._held_grads[group.index], master, exp_avg, exp_avg_sq, param,
-                         self._host_scratch, coef=None if coef is None else coef.cpu(), lr=lr, config=self.config)
+            sliced_adamw(spans, group.grad.host, master, exp_avg, exp_avg_sq, param,
+                         self._host_scratch, coef=coef, lr=lr, config=self.config)
             return
         if wide is not None:  # bf16 grads on the device: the whole chunk widened at once
-            wide.copy_(self._held_grads[group.index])
+            wide.copy_(group.grad.device)  # held there: a device-side group
             if coef is not None:
                 wide.mul_(coef.to(wide.device))
             grads = {info.index: group.grad.view(wide, info.slot, info.shape) for info in infos}
@@ -334,6 +331,12 @@ class ChunkAdamW:
             found = param_norms([chunk.view(tensor, info.slot, info.shape) for info in infos])
             self._norms.update(zip((info.index for info in infos), found))
 
+    def close(self) -> None:
+        """Stop the worker thread, if one was started."""
+        if self._worker is not None:
+            self._worker.shutdown()
+            self._worker = None
+
     def discard_grads(self) -> None:
         """Forget every accumulated gradient (a failed step's) without updating anything."""
         self._finish({})
@@ -345,7 +348,6 @@ class ChunkAdamW:
                 self._let_go(self.groups[index].grad, infos)
         self._streamed = set()
         self._norms.clear()
-        self._held_grads.clear()
         for group in self.groups:
             self.placement.clear(group.grad)
         for info in self.table:
@@ -380,18 +382,6 @@ class ChunkAdamW:
             self.steps.pop(info.index, None)
         else:
             self.steps[info.index] = torch.tensor(float(value), dtype=torch.float32, device=device)
-
-
-def _capture(work):
-    """`work` wrapped so that an exception it raises is kept on the thread for the joiner."""
-    def run() -> None:
-        thread = threading.current_thread()
-        thread.error = None  # type: ignore[attr-defined]
-        try:
-            work()
-        except BaseException as error:  # handed to the joining thread, raised there
-            thread.error = error  # type: ignore[attr-defined]
-    return run
 
 
 def _by_device(tensors: list[torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:

@@ -209,8 +209,9 @@ class Placement:
             self.drop_device_copy(chunk)
 
     # -- prefetch, fetch, evict -----------------------------------------------------------
-    def prefetch(self, nonmodel: int | None = None) -> None:
-        """Fetch the next chunks of the replayed trace if room exists (Belady-consistent)."""
+    def prefetch(self, nonmodel: int) -> None:
+        """Fetch the next chunks of the replayed trace if room exists (Belady-consistent);
+        `nonmodel`: the non-model bytes of the moment just taken."""
         for chunk_id in self.tracer.upcoming(self.prefetch_depth):
             chunk = self.chunks[chunk_id]
             if chunk.resident or chunk.is_empty():
@@ -224,6 +225,7 @@ class Placement:
                 self._evict(victim)
             self._fetch(chunk, make_room=False)
             self.stats["prefetches"] += 1
+            self._peak(self.device.used + nonmodel)
 
     def _fetch(self, chunk: Chunk, *, make_room: bool = True, empty: bool | None = None) -> None:
         if make_room:
@@ -237,8 +239,7 @@ class Placement:
         self._by_ptr[chunk.device.untyped_storage().data_ptr()] = chunk
         if chunk.home == "host":
             self._cached[chunk.id] = chunk
-        self.stats["fetches"] += 1
-        self._note_peak()
+        self.stats["fetches"] += 1  # callers note the peak: they know the non-model figure
 
     def _make_room(self, need: int, nonmodel: int | None = None) -> None:
         room = self._room(nonmodel)
