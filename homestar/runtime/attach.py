@@ -84,10 +84,6 @@ def attach(
                 placement.allocate_home(chunk)
         _pack(info, param, init_fn, placement)
         table.unbind(info)  # the original tensor is freed here (unless referenced elsewhere)
-    for group in groups:  # groups holding no parameter (none today) still get their memory
-        if group.index not in allocated:
-            for chunk in group.chunks():
-                placement.allocate_home(chunk)
     _move_buffers(model, device.device)
     adamw = ChunkAdamW(table, groups, placement, optim)
     adamw.collective = comm
@@ -123,7 +119,8 @@ def plan_chunks(sizes: list[tuple[str, int]], config: RuntimeConfig, budget: int
     group's bytes on `collective`'s rank (optimizer state only for owned groups); allocates nothing. The configured chunk size, or the least-waste size under a
     cap derived from the budget (a parameter above the cap, such as a large embedding, gets a
     chunk of its own)."""
-    config = _for_ranks(config, collective or Collective())
+    comm = collective or Collective()
+    config = _for_ranks(config, comm)
     if config.chunk_elems is not None:
         chunk_elems = config.chunk_elems
     else:
@@ -133,7 +130,7 @@ def plan_chunks(sizes: list[tuple[str, int]], config: RuntimeConfig, budget: int
                                                          floor=floor)
         chunk_elems = choose_chunk_elems(sizes, align=config.align_elems, max_elems=cap)
     layout = plan_layout(sizes, chunk_elems, align=config.align_elems, oversize=True)
-    return layout, _group_bytes(layout, config, collective or Collective())
+    return layout, _group_bytes(layout, config, comm)
 
 
 def _for_ranks(config: RuntimeConfig, comm: Collective) -> RuntimeConfig:
