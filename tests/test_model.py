@@ -77,7 +77,7 @@ def test_bad_inputs_raise():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sliced_cross_entropy_matches_torch(monkeypatch, dtype):
-    monkeypatch.setattr(gpt_module, "_CE_CHUNK_ELEMS", 3 * 50)  # 3 rows a slice: 14 rows -> 5 slices
+    monkeypatch.setattr(gpt_module, "CE_SLICE_ELEMS", 3 * 50)  # 3 rows a slice: 14 rows -> 5 slices
     logits32 = torch.randn(2, 7, 50, generator=torch.Generator().manual_seed(0)) * 3
     targets = tokens(2, 7, vocab=50)
     mine_in = logits32.to(dtype).requires_grad_()

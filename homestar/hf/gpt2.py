@@ -15,6 +15,7 @@ import torch
 
 from homestar.errors import ConfigError
 from homestar.model import GPTConfig
+from homestar.model.gpt import LN_EPS
 
 PREFIX = "transformer."
 HEAD = "lm_head.weight"
@@ -24,7 +25,6 @@ _BUFFERS = (".attn.bias", ".attn.masked_bias")
 
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 """transformers' names for GELU with the tanh approximation (homestar's MLP activation)."""
-LN_EPS = 1e-5
 """homestar's LayerNorm epsilon: a GPT-2 config with another one computes something else."""
 SHAPE_FIELDS = ("vocab_size", "seq_len", "d_model", "n_layer", "n_head", "tie_embeddings")
 """The GPTConfig fields GPT-2 can express; a run whose model has any other field cannot export."""

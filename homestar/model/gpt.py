@@ -20,11 +20,10 @@ from torch.utils.checkpoint import checkpoint
 
 from homestar.model.config import GPTConfig
 
-_LN_EPS = 1e-5
+LN_EPS = 1e-5
 _INIT_STD = 0.02
-_CE_CHUNK_ELEMS = 1 << 25
+CE_SLICE_ELEMS = 1 << 25
 """Logit elements upcast to fp32 at once by the loss: 32 M elements, a 128 MiB transient."""
-
 
 
 class LayerNorm(nn.LayerNorm):
@@ -35,9 +34,8 @@ class LayerNorm(nn.LayerNorm):
     The casts are no-ops when the dtypes already agree."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
-        bias = self.bias if self.bias.dtype == x.dtype else self.bias.to(x.dtype)
-        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+        return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
 
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with a fused qkv projection (SDPA kernel)."""
@@ -74,9 +72,9 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.ln_1 = LayerNorm(config.d_model, eps=_LN_EPS)
+        self.ln_1 = LayerNorm(config.d_model, eps=LN_EPS)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = LayerNorm(config.d_model, eps=_LN_EPS)
+        self.ln_2 = LayerNorm(config.d_model, eps=LN_EPS)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +97,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         self.wpe = nn.Embedding(config.seq_len, config.d_model)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = LayerNorm(config.d_model, eps=_LN_EPS)
+        self.ln_f = LayerNorm(config.d_model, eps=LN_EPS)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self._tie()
         self.init_weights()
@@ -215,7 +213,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     `F.cross_entropy(logits.float().flatten(0, -2), targets.flatten())`, without ever holding the
     fp32 logits (or their log-softmax) of the whole batch: rows are upcast a slice at a time."""
     flat = logits.reshape(-1, logits.shape[-1])  # a view for contiguous logits
-    if flat.numel() <= _CE_CHUNK_ELEMS:  # one slice anyway: torch's fused kernel is faster
+    if flat.numel() <= CE_SLICE_ELEMS:  # one slice anyway: torch's fused kernel is faster
         return F.cross_entropy(flat.float(), targets.reshape(-1))
     return _ChunkedCrossEntropy.apply(flat, targets.reshape(-1))
 
@@ -251,5 +249,5 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
 
 def _row_slices(n: int, vocab: int) -> list[slice]:
-    step = max(1, _CE_CHUNK_ELEMS // vocab)
+    step = max(1, CE_SLICE_ELEMS // vocab)
     return [slice(start, min(start + step, n)) for start in range(0, n, step)]

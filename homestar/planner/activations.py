@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from homestar.model import GPTConfig
+from homestar.model.gpt import CE_SLICE_ELEMS
 
-_CE_SLICE_ELEMS = 1 << 25
 """Logit elements the loss upcasts to fp32 at once (the model's chunked cross-entropy)."""
 
 
@@ -62,7 +62,7 @@ def activation_memory(config: GPTConfig, *, micro_batch: int, seq_len: int, act_
     else:
         saved, block_phase = config.n_layer * per_block, backward_live
     logit_elems = micro_batch * seq_len * config.vocab_size
-    fp32_slices = (3 if act_bytes < 4 else 2) * min(logit_elems, _CE_SLICE_ELEMS) * 4
+    fp32_slices = (3 if act_bytes < 4 else 2) * min(logit_elems, CE_SLICE_ELEMS) * 4
     head_weight = config.vocab_size * config.d_model * act_bytes
     return ActivationMemory(
         saved=saved + final_norm,

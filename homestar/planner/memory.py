@@ -175,13 +175,13 @@ class Estimate:
     def attach_peak(self, on_device: list[bool]) -> int:
         """Host bytes of model data while `attach` packs the fp32 model: group by group its
         chunks are allocated (host-homed ones on the host) and then its fp32 parameters freed."""
-        unpacked = self.model_bytes
-        held = peak = 0
+        unpacked = peak = self.model_bytes
+        held = 0
         for group, device, used in zip(self.data.groups, on_device, self.data.param_elems):
             held += 0 if device else group.total
             peak = max(peak, held + unpacked)
             unpacked -= _FP32_MODEL_BYTES * used
-        return max(peak, self.model_bytes)
+        return peak
 
 
 def estimate(

@@ -222,10 +222,10 @@ def _plan_preset(preset: Preset, target: _Target, facts: SpeedFacts, overheads: 
                for b in range(1, global_batch + 1) if global_batch % b == 0]
     best = _best(options)
     est = best.fit.est
+    card = _gpu_figure(best)  # the context is 0 on the CPU
     return PresetPlan(
         preset=preset.name, params=preset.params, fits=best.fits, recommended=False,
-        gpu_peak_gib=_gib_up(_gpu_figure(best) - est.context if target.device == "cuda" else 0),
-        gpu_card_gib=_gib_up(_gpu_figure(best)),
+        gpu_peak_gib=_gib_up(card - est.context), gpu_card_gib=_gib_up(card),
         cpu_peak_gib=_gib_up(best.fit.host_peak),
         chunk_elems=est.data.chunk_elems, micro_batch=est.micro_batch, accum=global_batch // est.micro_batch,
         device=target.device, precision=target.precision,
