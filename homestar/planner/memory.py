@@ -40,6 +40,7 @@ from homestar.runtime.attach import plan_chunks
 from homestar.runtime.config import RuntimeConfig
 from homestar.runtime.homes import GroupBytes
 from homestar.runtime.layout import Layout
+from homestar.runtime.adam_math import SLICE_ELEMS
 
 MIB = 2**20
 GIB = 2**30
@@ -169,8 +170,11 @@ class Estimate:
         return 4 * max(elems, default=0)
 
     def host_scratch(self, on_host: list[bool]) -> int:
-        """The CPU optimizer's fp32 buffer for narrower grads: the largest host-side chunk."""
-        return self.widen_scratch(on_host)
+        """The CPU optimizer's fp32 buffer for narrower grads: one slice (`adam_math.SLICE_ELEMS`),
+        reused by every host-side group, when any group's AdamW runs on the host."""
+        if self.data.grad_bytes >= 4 or not any(on_host):
+            return 0
+        return 4 * SLICE_ELEMS
 
     def attach_peak(self, on_device: list[bool]) -> int:
         """Host bytes of model data while `attach` packs the fp32 model: group by group its
