@@ -46,7 +46,9 @@ def floors(name: str, budget_gib: float, micro_batch: int, accum: int) -> dict:
     streamed = min(placed.streamed_elems, params) if placed is not None else params  # chunks hold padding
     resident = max(params - streamed, 0)
     compute = tokens * config.flops_per_token() * 4 / 3 / MATMUL_FLOPS
-    pcie = accum * max(4 * streamed, 2 * streamed) / PCIE_BOTH_WAYS
+    # bytes per streamed parameter and micro-batch on the busier direction: host to device (two bf16
+    # fetches, 4 bytes) bounds it against the one bf16 grad coming back (2 bytes)
+    pcie = accum * 4 * streamed / PCIE_BOTH_WAYS
     cpu_adam = streamed / CPU_ADAM_ALONE
     gpu_stream_rate = PCIE_UNDER_ADAM / 12
     both_adam = streamed / (CPU_ADAM_BUSY + gpu_stream_rate)

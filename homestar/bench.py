@@ -79,6 +79,7 @@ def run_bench(request: BenchRequest, *, baseline: bool) -> list[BenchResult]:
 
 def _run_child(request: BenchRequest) -> BenchResult:
     cmd = [sys.executable, "-m", "homestar.bench", json.dumps(asdict(request))]
+    # the child inherits this environment, PYTORCH_CUDA_ALLOC_CONF included (set by the CLI's main)
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{"):
@@ -167,11 +168,12 @@ def _measure_steps(request: BenchRequest) -> BenchResult:
             stats = engine.stats() if hasattr(engine, "stats") else {}
             result.gpu_peak_gib = max(torch.cuda.max_memory_reserved(), stats.get("allocator_peak_bytes", 0)) / GIB
         else:
-            memory = engine.memory()
-            result.gpu_peak_gib = memory.get("gpu_peak", memory["gpu_mem"]) / GIB
+            result.gpu_peak_gib = engine.memory()["gpu_peak"] / GIB
         engine.close()
     except torch.OutOfMemoryError as exc:
-        result.status, result.message = "oom", str(exc).splitlines()[0][:200]
+        from homestar.train.recovery import first_line
+
+        result.status, result.message = "oom", first_line(exc, 200)
     result.cpu_peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
     return result
 
@@ -207,7 +209,6 @@ def format_results(results: list[BenchResult]) -> str:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as homestar's main
     from homestar.errors import HomestarError
 
     try:

@@ -7,8 +7,10 @@ stderr and a non-zero exit. Heavy imports (torch, the app) happen inside the com
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
+from typing import Callable
 
 from homestar.errors import HomestarError
 
@@ -41,24 +43,25 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str, unit: str = "number") -> float:
+def _bounded_float(text: str, *, within: Callable[[float], bool], number: str, bounded: str) -> float:
+    """`text` as a float for which `within` holds; `number` and `bounded` name what was expected
+    when it is not a number, or is out of bounds (nan fails every comparison, so it is refused)."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a {unit}, got {text!r}") from None
-    if not 0 < value < float("inf"):  # also refuses nan
-        raise argparse.ArgumentTypeError(f"expected a positive {unit}, got {text}")
+        raise argparse.ArgumentTypeError(f"expected {number}, got {text!r}") from None
+    if not within(value):
+        raise argparse.ArgumentTypeError(f"expected {bounded}, got {text}")
     return value
+
+
+def _positive_float(text: str, unit: str = "number") -> float:
+    return _bounded_float(text, within=lambda v: 0 < v < math.inf, number=f"a {unit}", bounded=f"a positive {unit}")
 
 
 def _share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}") from None
-    if not 0.0 <= value <= 1.0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text}")
-    return value
+    fraction = "a fraction between 0 and 1"
+    return _bounded_float(text, within=lambda v: 0 <= v <= 1, number=fraction, bounded=fraction)
 
 
 def _gib(text: str) -> float:
@@ -170,25 +173,19 @@ def main(argv: list[str] | None = None) -> int:
         print("homestar: interrupted", file=sys.stderr)
         return 130
     except MemoryError as exc:  # host RAM (or, via the check below, GPU memory) ran out
-        print(f"homestar: error: out of memory: {_first_line(exc)}; the run keeps its last checkpoint "
+        from homestar.train.recovery import first_line  # imports no torch
+
+        print(f"homestar: error: out of memory: {first_line(exc, 200)}; the run keeps its last checkpoint "
               "(try a smaller --micro-batch or preset)", file=sys.stderr)
         return 3
     except RuntimeError as exc:
-        if not _is_cuda_oom(exc):
+        from homestar.train.recovery import first_line, is_out_of_memory  # the check imports torch
+
+        if not is_out_of_memory(exc):
             raise
-        print(f"homestar: error: out of GPU memory ({_first_line(exc)}); the run keeps its last checkpoint "
+        print(f"homestar: error: out of memory ({first_line(exc, 200)}); the run keeps its last checkpoint "
               "(try a smaller --micro-batch or --gpu-mem-gib)", file=sys.stderr)
         return 3
-
-
-def _is_cuda_oom(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.OutOfMemoryError)
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -227,7 +224,7 @@ def _train(args) -> int:
     if _wants_app(args):
         from homestar.tui import run_app
 
-        return run_app(train_argv=[a for a in args.argv[1:] if a != "--headless"])
+        return run_app(train_argv=args.argv[1:])  # no --headless there: _wants_app said no to it
 
     request = TrainRequest(
         preset=args.preset, data=args.data, tokenizer=args.tokenizer, steps=args.steps, run_dir=args.run_dir,

@@ -157,10 +157,20 @@ def test_squeeze_variable_parses(text, step, fraction):
 
 
 @pytest.mark.parametrize("text", ["x", "6:", "6:half", "6:1", "6:1.5", "6:-0.1", "6:nan", "-6", "1", "0",
-                                  "6:0.5:1", "6.5"])
+                                  "6:0.5:1", "6.5", "²", "²:0.5"])
 def test_malformed_squeeze_variable_is_a_config_error(text, monkeypatch):
     monkeypatch.setenv(SQUEEZE_ENV, text)
     with pytest.raises(ConfigError, match=SQUEEZE_ENV):
+        faults.arm_from_env()
+
+
+@pytest.mark.parametrize("name, text", [(OOM_ENV, "²"), (OOM_ENV, "0"), (OOM_ENV, "x"),
+                                        (faults.KILL_ENV, "step:²"), (faults.KILL_ENV, "step:0"),
+                                        (faults.KILL_ENV, "nowhere:1")])
+def test_malformed_fault_variables_are_config_errors(name, text, monkeypatch):
+    """A digit that is not a decimal one ('²') is refused like any other bad value, not a traceback."""
+    monkeypatch.setenv(name, text)
+    with pytest.raises(ConfigError, match=name):
         faults.arm_from_env()
 
 

@@ -111,6 +111,11 @@ class RunConfig:
         return self.data_micro_batch or self.micro_batch
 
     @property
+    def draws_per_step(self) -> int:
+        """Token-stream draws one optimizer step trains on (an out-of-memory split keeps it)."""
+        return self.micro_batch * self.accum // self.draw_batch
+
+    @property
     def tokens_per_step(self) -> int:
         """Tokens of one optimizer step over all ranks."""
         return self.micro_batch * self.accum * self.world * self.seq_len

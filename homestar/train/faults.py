@@ -75,12 +75,12 @@ def arm_from_env() -> None:
     kill = os.environ.get(KILL_ENV, "").strip()
     if kill:
         place, _, count = kill.partition(":")
-        if place not in PLACES or not count.isdigit() or int(count) < 1:
+        if place not in PLACES or not count.isdecimal() or int(count) < 1:
             raise ConfigError(f"{KILL_ENV} must be PLACE:N with PLACE one of {', '.join(PLACES)}, got {kill!r}")
         _kill_place, _kill_left = place, int(count)
     oom = os.environ.get(OOM_ENV, "").strip()
     if oom:
-        if not oom.isdigit() or int(oom) < 1:
+        if not oom.isdecimal() or int(oom) < 1:
             raise ConfigError(f"{OOM_ENV} must be a step number, got {oom!r}")
         _oom_step = int(oom)
     squeeze = os.environ.get(SQUEEZE_ENV, "").strip()
@@ -92,7 +92,7 @@ def parse_squeeze(text: str) -> Squeeze:
     """"N" or "N:FRACTION" -> Squeeze (ConfigError when malformed)."""
     step, colon, fraction = text.strip().partition(":")
     try:
-        if not step.strip().isdigit():
+        if not step.strip().isdecimal():  # isdigit() would pass '²', which int() refuses
             raise ValueError(step)
         value = float(fraction) if colon else DEFAULT_SQUEEZE_FRACTION
     except ValueError:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import psutil
@@ -87,8 +87,9 @@ class MemoryGuard:
     """Waits while the machine's available memory is under `threshold` bytes."""
 
     threshold: int
-    interval: float = 1.0
-    """Seconds between two looks while waiting (one psutil call each)."""
+    interval: float = field(default_factory=lambda: POLL_SECONDS)
+    """Seconds between two looks while waiting (one psutil call each); POLL_SECONDS as it is when
+    the guard is built."""
     available: Callable[[], int] = lambda: psutil.virtual_memory().available
 
     def short(self) -> bool:

@@ -4,14 +4,13 @@ The trainer calls these when a step's forward/backward runs out of GPU memory (o
 memory): the partial step's gradients are discarded, cached device memory is handed back, and the
 step is redone with micro-batches split into smaller pieces and more accumulation, so the global
 batch and therefore the run's maths stay the same. Knows the Engine protocol, not how an engine
-places memory.
+places memory. Imports torch only when a check needs it, so the command line can name an error
+without it.
 """
 
 from __future__ import annotations
 
 import gc
-
-import torch
 
 # Messages torch raises as a plain RuntimeError when an allocation fails: a failed pinned
 # (page-locked) host allocation, and the CPU allocator running out.
@@ -34,6 +33,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def _is_allocation_failure(exc: BaseException) -> bool:
+    import torch
+
     if isinstance(exc, torch.OutOfMemoryError):
         return True
     return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _ALLOCATION_FAILURES)
@@ -49,14 +50,16 @@ def smaller_micro_batch(micro_batch: int) -> int | None:
     return None
 
 
-def discard_grads(engine) -> None:
-    """Drop whatever gradients the failed step accumulated, so the redo starts from zero."""
-    engine.zero_grad()
-
-
 def free_cached_memory(device: str) -> None:
     """Collect garbage (the failed step's activations) and return cached blocks to the driver.
     Cost: a full gc pass and, on CUDA, a device synchronisation inside empty_cache."""
+    import torch
+
     gc.collect()
     if device.startswith("cuda") and torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def first_line(exc: BaseException, limit: int) -> str:
+    """The error's first line of text (its type's name when it has none), cut to `limit` characters."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]

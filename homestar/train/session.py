@@ -19,7 +19,7 @@ from homestar.train.build import build_engine, build_model, load_run_data, RunDa
 from homestar.train.checkpoint import list_checkpoints, load_latest, restore_rng
 from homestar.train.config import RunConfig
 from homestar.train.distributed import Ranks, join_from_env, leave
-from homestar.train.lock import RunLock
+from homestar.train.lock import RunLock, is_locked
 from homestar.train.runs import remember_run
 from homestar.train.trainer import Progress, Trainer
 
@@ -146,8 +146,6 @@ _UNSTARTED = frozenset({".lock", "tokenizer.json", "config.json.tmp"})
 
 
 def _fresh_or_unstarted(path: Path) -> bool:
-    from homestar.train.lock import is_locked
-
     names = {p.name for p in path.iterdir()}
     return names <= _UNSTARTED and not is_locked(path)
 
@@ -209,23 +207,16 @@ def start_run(request: TrainRequest, sinks: list) -> Session:
     engine = _distributed_engine(config, model, ranks)
     if config.init_from:
         _load_init_weights(engine, config)
-    lock = _NoLock()
+    lock = RunLock(run_dir)  # acquired by rank 0 alone, for all; releasing an unacquired one does nothing
     if ranks.main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        lock = RunLock(run_dir).acquire()
+        lock.acquire()
         config.save(run_dir)
         remember_run(run_dir)
         tokenizer.save(str(run_dir / "tokenizer.json"))
     ranks.barrier()
     data = RunData(tokenizer=tokenizer, train=tokens.train, val=tokens.val)
     return _session(config, run_dir, engine, model, data, sinks, lock, Progress(), resumed=False, ranks=ranks)
-
-
-class _NoLock:
-    """The lock of a rank other than 0 (rank 0 holds the run folder's lock for all)."""
-
-    def release(self) -> None:
-        pass
 
 
 def _join(config: RunConfig) -> Ranks:
@@ -238,7 +229,7 @@ def _join(config: RunConfig) -> Ranks:
 def _distributed_engine(config: RunConfig, model, ranks: Ranks):
     """The run's engine, sharing the optimizer's work (and its state's memory) among the ranks
     when there are several: the collective is known before attach allocates any chunk."""
-    if ranks.world == 1 or config.runtime == "torch":
+    if ranks.world == 1:  # _join refuses --runtime torch on several ranks
         return build_engine(config, model)
     from homestar.runtime.collectives import Collective
 
@@ -251,7 +242,9 @@ def resume_run(run_dir: Path, sinks: list, *, steps: int | None = None) -> Sessi
         raise ConfigError(f"{run_dir} is not a folder")
     config = RunConfig.load(run_dir)
     ranks = _join(config)
-    lock = RunLock(run_dir).acquire() if ranks.main else _NoLock()
+    lock = RunLock(run_dir)  # acquired by rank 0 alone, for all; releasing an unacquired one does nothing
+    if ranks.main:
+        lock.acquire()
     try:
         loaded = load_latest(run_dir) if list_checkpoints(run_dir) else None
         progress = Progress()
@@ -299,11 +292,9 @@ def _load_init_weights(engine, config: RunConfig) -> None:
     engine.load_state_dict({"weights": weights, "optimizer": {"step": 0, "exp_avg": {}, "exp_avg_sq": {}}})
 
 
-def _session(config, run_dir, engine, model, data, sinks, lock, progress, *, resumed,
-             ranks: Ranks | None = None) -> Session:
+def _session(config, run_dir, engine, model, data, sinks, lock, progress, *, resumed, ranks: Ranks) -> Session:
     from homestar.model import GPTConfig
 
-    ranks = ranks or Ranks()
     own = [ev.JsonlSink(run_dir / "metrics.jsonl")] if ranks.main else []  # rank 0 alone reports
     trainer = Trainer(config=config, run_dir=run_dir, engine=engine, model=model, data=data,
                       sinks=[*own, *sinks] if ranks.main else [], progress=progress,

@@ -28,8 +28,8 @@ from homestar.train.checkpoint import save_checkpoint
 from homestar.train.config import RunConfig
 from homestar.train.control import Control
 from homestar.train.distributed import Ranks
-from homestar.train.memory_guard import POLL_SECONDS, MemoryGuard, default_threshold
-from homestar.train.recovery import discard_grads, free_cached_memory, is_out_of_memory, smaller_micro_batch
+from homestar.train.memory_guard import MemoryGuard, default_threshold
+from homestar.train.recovery import first_line, free_cached_memory, is_out_of_memory, smaller_micro_batch
 from homestar.train.sampling import sample_text
 from homestar.train.schedule import Schedule
 
@@ -53,7 +53,6 @@ class Trainer:
 
         self.config, self.run_dir, self.engine, self.model, self.data = config, run_dir, engine, model, data
         self.ranks = ranks or Ranks()
-        self.tokens_per_step = config.tokens_per_step
         self.rows, self.micro, self.local_accum = self._share(config)
         self.sinks = sinks
         self.progress = progress or Progress()
@@ -70,7 +69,7 @@ class Trainer:
         self._last_saved = self.progress.step
         self._process = psutil.Process()
         faults.arm_from_env()
-        self.memory_guard = MemoryGuard(threshold=default_threshold(), interval=POLL_SECONDS)
+        self.memory_guard = MemoryGuard(threshold=default_threshold())
 
     # -- events -------------------------------------------------------------------------------
     def emit(self, event: ev.Event) -> None:
@@ -85,7 +84,7 @@ class Trainer:
         """Train to config.steps (or until asked to stop); returns "finished" or "stopped"."""
         cfg = self.config
         self.emit(ev.Start(time=self._now(), step=self.progress.step, run=self.run_dir.name, preset=cfg.preset,
-                           params=cfg.params, total_steps=cfg.steps, tokens_per_step=self.tokens_per_step,
+                           params=cfg.params, total_steps=cfg.steps, tokens_per_step=cfg.tokens_per_step,
                            runtime=cfg.runtime, device=cfg.device, precision=cfg.precision, resumed=resumed))
         self._maybe_chunks(force=True)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -124,19 +123,19 @@ class Trainer:
         t0 = time.perf_counter()
         first = self.stream.batches
         losses = self._recovering(lambda: self._accumulate(first, step + 1))
-        self.stream.batches = first + cfg.micro_batch * cfg.accum // cfg.draw_batch
+        self.stream.batches = first + cfg.draws_per_step
         lr = self.schedule(step)
         report = self.engine.step(lr)
         faults.reach("step")
         loss = float(self.ranks.mean(torch.stack(losses).float().mean()))  # note: CPU-GPU sync, once per step
         elapsed = time.perf_counter() - t0
         self.progress.step = step + 1
-        self.progress.tokens += self.tokens_per_step
+        self.progress.tokens += cfg.tokens_per_step
         self.progress.data = self.stream.state_dict()
-        tok_s = self.tokens_per_step / elapsed
+        tok_s = cfg.tokens_per_step / elapsed
         memory = self.engine.memory()
         self.emit(ev.Step(time=self._now(), step=self.progress.step, loss=loss, lr=lr, tokens=self.progress.tokens,
-                          tok_s=tok_s, tflops=tok_s * self.flops_per_token / 1e12, gpu_mem=memory.get("gpu_peak", memory["gpu_mem"]),
+                          tok_s=tok_s, tflops=tok_s * self.flops_per_token / 1e12, gpu_mem=memory["gpu_peak"],
                           cpu_mem=float(self._process.memory_info().rss), grad_norm=report.grad_norm,
                           skipped=report.skipped, step_s=elapsed, timings=report.timings))
 
@@ -146,7 +145,7 @@ class Trainer:
         micro-batches, fix which sequences a step sees, so a smaller micro-batch sees the same."""
         cfg = self.config
         losses = []
-        for k in range(first_draw, first_draw + cfg.micro_batch * cfg.accum // cfg.draw_batch):
+        for k in range(first_draw, first_draw + cfg.draws_per_step):
             x, y = self._my_rows(*self.stream.batch_at(k))
             for xs, ys in zip(x.split(self.micro), y.split(self.micro)):
                 # grads of loss / (micro-batches per rank * world), summed over ranks by the
@@ -166,8 +165,7 @@ class Trainer:
                               f"processes cannot share evenly; use a number of processes that divides it")
         rows = cfg.global_draw // world
         micro = math.gcd(cfg.micro_batch, rows)
-        draws = cfg.micro_batch * cfg.accum // cfg.draw_batch
-        return rows, micro, draws * rows // micro
+        return rows, micro, cfg.draws_per_step * rows // micro
 
     def _my_rows(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's rows of a global draw (views, no copy)."""
@@ -188,7 +186,7 @@ class Trainer:
             except (RuntimeError, BudgetError) as exc:  # torch.OutOfMemoryError, or BudgetError raised from one
                 if not is_out_of_memory(exc) or smaller_micro_batch(self.config.micro_batch) is None:
                     raise
-                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+                reason = first_line(exc, 160)
             # Outside the except block: the traceback, and the activations its frames held, are gone.
             self._shrink_micro_batch(reason)
 
@@ -198,7 +196,7 @@ class Trainer:
         cfg = self.config
         old_micro, old_accum = cfg.micro_batch, cfg.accum
         new_micro = smaller_micro_batch(old_micro)
-        discard_grads(self.engine)
+        self.engine.zero_grad()  # drop what the failed work accumulated: the redo starts from zero
         free_cached_memory(cfg.device)
         cfg.data_micro_batch = cfg.draw_batch
         cfg.micro_batch, cfg.accum = new_micro, old_accum * (old_micro // new_micro)
@@ -233,13 +231,16 @@ class Trainer:
 
     def _eval_total(self, stream, first: int) -> torch.Tensor:
         """Sum over the eval draws of each draw's mean loss (micro-batch pieces averaged)."""
-        cfg, total = self.config, torch.zeros(())
-        for k in range(first, first + cfg.eval_batches):
+        draws = []
+        for k in range(first, first + self.config.eval_batches):
             x, y = self._my_rows(*stream.batch_at(k))
-            # note: sync per eval micro-batch (.cpu())
-            pieces = [self.engine.eval_loss(xs, ys).float().cpu()
-                      for xs, ys in zip(x.split(self.micro), y.split(self.micro))]
-            total += pieces[0] if len(pieces) == 1 else torch.stack(pieces).mean()
+            # the losses stay where the engine computed them: no sync per micro-batch
+            draws.append(torch.stack([self.engine.eval_loss(xs, ys)
+                                      for xs, ys in zip(x.split(self.micro), y.split(self.micro))]))
+        grid = torch.stack(draws).float().cpu()  # note: CPU-GPU sync, once per eval
+        total = torch.zeros(())
+        for pieces in grid:  # every draw has as many pieces; the mean of one piece is that piece
+            total += pieces.mean()
         return total
 
     def sample(self) -> None:
