@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if not is_out_of_memory(exc):
             raise
-        print(f"homestar: error: out of memory ({first_line(exc, 200)}); the run keeps its last checkpoint "
+        print(f"homestar: error: out of GPU memory ({first_line(exc, 200)}); the run keeps its last checkpoint "
               "(try a smaller --micro-batch or --gpu-mem-gib)", file=sys.stderr)
         return 3
 
