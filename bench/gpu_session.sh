@@ -6,7 +6,7 @@
 #   bash bench/gpu_session.sh large    # 4b and 6.7b at 8 GiB; 2.7b with 32k tokens per step (~8 min)
 #   bash bench/gpu_session.sh plan8    # planner prediction vs measurement, every preset, 8 GiB (~9 min)
 #   bash bench/gpu_session.sh plan24   # the same at 24 GiB
-#   bash bench/gpu_session.sh stream   # AdamW streamed through the GPU (1.3b), with an allocator snapshot
+#   bash bench/gpu_session.sh stream   # CUDA tests; 1.3b with AdamW split CPU/GPU vs CPU alone; 2.7b split (~6 min)
 # Timings are estimates from one day's runs; every command has its own timeout so one slow item
 # cannot take the rest of the call with it.
 set -u
@@ -47,9 +47,11 @@ case "${1:-}" in
   plan8|plan24)
     budget=${1#plan}; say "plan vs measured at $budget GiB"
     timeout 560 python bench/plan_vs_measured.py --budgets "$budget" --steps 2 2>&1 | tee "$OUT/plan$budget.txt" ;;
-  stream)
-    export HOMESTAR_MEMORY_SNAPSHOT=$OUT/stream_snapshot.pickle
-    bench 1.3b_stream 120 --preset 1.3b "${B8[@]}" --steps 3 --warmup 2 --stream-share 0.5 ;;
+  stream)  # AdamW split between the CPU and the GPU by measured rates (the default) vs CPU alone
+    say "CUDA tests"; timeout 150 python -m pytest -q -p no:cacheprovider tests/test_runtime_cuda.py 2>&1 | tail -4
+    bench 1.3b_auto 120 --preset 1.3b "${B8[@]}" --steps 3 --warmup 3
+    bench 1.3b_cpu 100 --preset 1.3b "${B8[@]}" --steps 3 --warmup 2 --stream-share 0
+    bench 2.7b_auto 150 --preset 2.7b "${B8[@]}" --steps 3 --warmup 3 ;;
   *) echo "usage: bash bench/gpu_session.sh checks|small|large|plan8|plan24|stream" >&2; exit 2 ;;
 esac
 say done

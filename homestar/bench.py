@@ -128,7 +128,8 @@ def _measure_steps(request: BenchRequest) -> BenchResult:
             total = torch.cuda.get_device_properties(0).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, request.gpu_mem_gib * GIB / total))
         torch.manual_seed(0)
-        engine = _engine(request, GPT(config, checkpoint_activations=checkpointing), optim, device, precision)
+        engine = _engine(request, GPT(config, checkpoint_activations=checkpointing), optim, device, precision,
+                         micro_batch)
         gen = torch.Generator().manual_seed(0)
         batch = torch.randint(config.vocab_size, (micro_batch, config.seq_len + 1), generator=gen)
         x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
@@ -178,15 +179,20 @@ def _measure_steps(request: BenchRequest) -> BenchResult:
     return result
 
 
-def _engine(request: BenchRequest, model, optim, device: str, precision: str):
+def _engine(request: BenchRequest, model, optim, device: str, precision: str, micro_batch: int):
     if request.system == "torch":
         from homestar.train.torch_engine import TorchEngine
 
         return TorchEngine(model, optim, device=device, precision=precision)
+    from homestar.planner.memory import nonmodel_forecast
     from homestar.runtime import RuntimeConfig, attach
 
+    forecast = None
+    if device == "cuda":  # reserved until the first trace measures it (see train.build)
+        forecast = nonmodel_forecast(model.config, precision=precision, micro_batch=micro_batch,
+                                     checkpointing=model.checkpoint_activations)
     return attach(model, RuntimeConfig(
-        device=device, precision=precision, chunk_elems=request.chunk_elems,
+        device=device, precision=precision, chunk_elems=request.chunk_elems, nonmodel_estimate_bytes=forecast,
         gpu_budget_bytes=int(request.gpu_mem_gib * GIB) if request.gpu_mem_gib else None,
         cpu_budget_bytes=int(request.cpu_mem_gib * GIB) if request.cpu_mem_gib else None,
         optimizer_stream_share=request.stream_share), optim)

@@ -46,3 +46,42 @@ def test_sliced_adamw_equals_widening_the_whole_chunk(monkeypatch, clip):
     for o, n in zip(offsets, sizes):
         assert torch.equal(param[o : o + n], ref_param[o : o + n])
     assert not torch.equal(got[0], master)  # the update really happened
+
+
+@pytest.mark.parametrize("clip", [None, 0.37])
+def test_streamed_adamw_equals_the_host_update(monkeypatch, clip):
+    """AdamW streamed through the (simulated) device in small slices, through a ring of staging
+    buffers, writes back exactly the host's result; the param chunk equals its master's cast
+    everywhere, padding included; every staging buffer goes back to the device's books."""
+    from homestar.runtime import stream_adam
+    from homestar.runtime.memory import SimulatedDevice
+    from homestar.runtime.stream_adam import StreamJob, stream_adamw
+
+    monkeypatch.setattr(stream_adam, "STREAM_SLICE_ELEMS", 48)  # parameters span several slices
+    gen = torch.Generator().manual_seed(1)
+    sizes, decays, offsets, numel = [100, 64, 257, 3], [True, False, True, False], [0, 128, 192, 512], 576
+    config = OptimConfig(lr=1e-3, weight_decay=0.1)
+    master = torch.randn(numel, generator=gen)
+    grad = torch.randn(numel, generator=gen).bfloat16()
+    moments = [torch.rand(numel, generator=gen) for _ in range(2)]
+    coef = None if clip is None else torch.tensor(clip)
+
+    def spans():
+        return [Span(offset=o, numel=n, step=torch.tensor(3.0), decay=d) for o, n, d in zip(offsets, sizes, decays)]
+
+    ref = [master.clone(), moments[0].clone(), moments[1].clone()]
+    ref_param = master.bfloat16()
+    sliced_adamw(spans(), grad, *ref, ref_param, torch.empty(numel), coef=coef, lr=2e-3, config=config)
+
+    got = [master.clone(), moments[0].clone(), moments[1].clone()]
+    param = master.bfloat16()
+    device = SimulatedDevice(budget=None)
+    jobs = [StreamJob(spans=spans(), grad=grad, master=got[0], exp_avg=got[1], exp_avg_sq=got[2], param=param)]
+    stream_adamw(jobs, device, device.alloc, device.free, coef=coef, lr=2e-3, config=config)
+
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert torch.equal(param, got[0].bfloat16())  # padding too: the invariant the cast relies on
+    assert torch.equal(param, ref_param)
+    assert device.used == 0 and device.peak > 0
+    assert not torch.equal(got[0], master)

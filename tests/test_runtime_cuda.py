@@ -84,12 +84,15 @@ def tight_budget() -> int:
     return int(peak * 1.3) + 5 * CHUNK * 4
 
 
-@pytest.mark.parametrize("placement", ["host", "auto", "device"])
+@pytest.mark.parametrize("placement", ["host", "auto", "device", "streamed"])
 def test_cuda_fp32_parity_under_a_tight_budget(placement, tight_budget):
     batches = data()
     ref_losses, ref_weights = reference(batches)
     extra = tight_budget if placement != "device" else None
-    losses, engine = run_engine(batches, extra_budget=extra, optimizer_placement=placement)
+    # "host": every host-homed group's AdamW on the CPU; "streamed": 60% of them through the GPU
+    share = {"host": 0.0, "streamed": 0.6}.get(placement)
+    losses, engine = run_engine(batches, extra_budget=extra, optimizer_stream_share=share,
+                                optimizer_placement="host" if placement == "streamed" else placement)
     assert losses == pytest.approx(ref_losses, rel=1e-5)
     weights = engine.state_dict()["weights"]
     # Kernels round alike but not always identically (CPU vs CUDA fused AdamW, view vs tensor);
@@ -99,9 +102,10 @@ def test_cuda_fp32_parity_under_a_tight_budget(placement, tight_budget):
     for name, expected in ref_weights.items():
         torch.testing.assert_close(weights[name], expected, rtol=1e-5, atol=5e-5)
     stats = engine.stats()
-    if placement == "host":
+    if placement in ("host", "streamed"):
         assert stats["evictions"] > 0 and stats["prefetches"] > 0
         assert stats["peak_device_bytes"] <= engine.placement.device.budget
+        assert bool(stats["streamed_groups"]) == (placement == "streamed")
     engine.close()
 
 

@@ -228,6 +228,16 @@ def estimate(
     )
 
 
+def nonmodel_forecast(config: GPTConfig, *, precision: str, micro_batch: int, checkpointing: bool,
+                      overheads: Overheads = Overheads()) -> int:
+    """Device bytes of activations and workspace one micro-batch is expected to peak at (slack
+    included): what the runtime reserves beside the chunks until its first trace has measured
+    the real figure."""
+    act = activation_memory(config, micro_batch=micro_batch, seq_len=config.seq_len,
+                            act_bytes=PRECISION_BYTES[precision], checkpointing=checkpointing)
+    return int(act.peak * (1 + overheads.allocator_slack))
+
+
 def named_sizes(config: GPTConfig) -> list[tuple[str, int]]:
     """(name, numel) of every distinct parameter in `GPT.named_parameters()` order, from the
     shape alone (a tied head is the embedding and appears once)."""

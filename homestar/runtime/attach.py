@@ -88,7 +88,8 @@ def attach(
     adamw = ChunkAdamW(table, groups, placement, optim)
     adamw.collective = comm
     share = config.optimizer_stream_share
-    adamw.stream_share = 0.0 if share is None else share
+    adamw.auto_share = share is None and device.device.type == "cuda"
+    adamw.stream_share = (0.5 if adamw.auto_share else 0.0) if share is None else share
     return ChunkedEngine(
         model=model, config=config, table=table, groups=groups, group_bytes=group_bytes,
         placement=placement, host=host, tracer=placement.tracer, adamw=adamw,

@@ -52,8 +52,9 @@ class RuntimeConfig:
     (BudgetError if it cannot fit)."""
     optimizer_stream_share: float | None = None
     """Fraction of the host-homed groups' elements whose AdamW streams through the device
-    (state copied in, updated there, written back) while the CPU updates the rest at the same
-    time. None: 0 (not yet the default: its speed on a real card is still being measured)."""
+    (state copied in slice by slice, updated there, copied back) while the CPU updates the rest
+    at the same time. None ("auto"): on a CUDA device start at half and follow both engines'
+    measured rates from step to step; on the simulated device 0."""
     prefetch_depth: int = 2
     """How many upcoming chunk accesses (in trace order) may be fetched ahead of use."""
     nonmodel_headroom: float = 0.0

@@ -99,7 +99,22 @@ class CudaDevice(DeviceSpace):
             event.record(stream)
         return dev, event
 
+    def upload_into(self, dst: torch.Tensor, src: torch.Tensor, after: Any) -> Any:
+        stream = self.upload_stream
+        if after is not None:
+            stream.wait_event(after)  # stream wait: whatever still reads or writes dst finishes first
+        with torch.cuda.stream(stream):
+            begin = self.clock.start(stream) if self.clock else None
+            dst.copy_(src, non_blocking=True)  # async H2D from pinned memory
+            if self.clock:
+                self.clock.stop("h2d", begin, stream)
+            event = torch.cuda.Event()
+            event.record(stream)
+        return event
+
     def compute_wait(self, event: Any, tensor: torch.Tensor) -> None:
+        if event is None:
+            return
         compute = self._compute()
         compute.wait_event(event)  # stream wait, no host sync
         tensor.record_stream(compute)  # compute uses memory the upload stream allocated

@@ -28,6 +28,7 @@ from homestar.runtime.memory import HostMemory, fmt_bytes
 from homestar.runtime.optimizer import ChunkAdamW
 from homestar.runtime.placement import Placement
 from homestar.runtime.scaler import LossScaler
+from homestar.runtime.stream_adam import slice_for, staging_bytes
 from homestar.runtime.trace import Tracer
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -255,12 +256,11 @@ class ChunkedEngine:
         self._update_resident()
 
     def _stream_step_set(self) -> int:
-        """Device bytes a streamed group's AdamW holds at once (its chunks, and the fp32 buffer its
-        bf16 grads widen into); 0 when nothing streams."""
-        if self.adamw.stream_share <= 0:
+        """Device bytes streamed AdamW holds at once (its staging sets); 0 when nothing streams."""
+        if self.adamw.stream_share <= 0 and not self.adamw.auto_share:
             return 0
-        widen = 2 if self.config.grad_dtype != torch.float32 else 0  # fp32 buffer = 2x bf16 grad bytes
-        return max(g.total + widen * g.grad for g in self._group_bytes)
+        biggest = max(g.grad for g in self._group_bytes) // self.config.grad_dtype.itemsize
+        return staging_bytes(slice_for(biggest), self.config.grad_dtype, self.config.compute_dtype)
 
     def _update_resident(self) -> None:
         """Resident mode when every chunk lives on the device (the model fits): no per-module

@@ -126,6 +126,11 @@ class DeviceSpace(MemorySpace):
         """Copy a device tensor into its host buffer; returns the copy's event."""
         raise NotImplementedError
 
+    def upload_into(self, dst: torch.Tensor, src: torch.Tensor, after: Any) -> Any:
+        """Copy a host tensor into an existing device tensor once `after` completed; returns the
+        copy's event (compute must `compute_wait` on it before reading `dst`)."""
+        raise NotImplementedError
+
     def compute_wait(self, event: Any, tensor: torch.Tensor) -> None:
         """Make compute wait for `event` before it uses `tensor` (no host sync)."""
 
@@ -202,6 +207,13 @@ class SimulatedDevice(DeviceSpace):
             if self.clock:
                 self.clock.stop("h2d", begin)
         return dev, None
+
+    def upload_into(self, dst: torch.Tensor, src: torch.Tensor, after: Any) -> Any:
+        begin = self.clock.start() if self.clock else None
+        dst.copy_(src)  # synchronous copy between the two simulated spaces
+        if self.clock:
+            self.clock.stop("h2d", begin)
+        return None
 
     def write_back(self, dev: torch.Tensor, host: torch.Tensor, after: Any) -> Any:
         begin = self.clock.start() if self.clock else None

@@ -8,8 +8,9 @@ skipped, each parameter has its own step count, no-decay parameters get weight_d
 norm clipping computes the norm of per-parameter norms, fp16 overflow skips the step.
 Per-parameter grad norms are taken on the device as backward writes each grad chunk back, so the
 step does not read host grads for the norm; bf16 grads are widened to fp32 as AdamW reads them
-(`adam_math`). With a `stream_share`, the first host-homed groups' AdamW runs on the device
-(state streamed in, written back as evicted) while a worker thread updates the CPU's groups.
+(`adam_math`). With a `stream_share`, the first host-homed groups' AdamW runs on the device,
+their state streamed through it slice by slice (`stream_adam`), while a worker thread updates
+the CPU's groups; with `auto_share` the split follows both engines' measured rates.
 Across ranks (a `Collective` of world > 1, group-owner ZeRO): each group's fp32 grads are summed
 onto its owner, the squared norm of the owners' grads is summed over ranks, each owner updates
 its groups alone and broadcasts their param chunks. At world 1 none of that is issued.
@@ -33,6 +34,7 @@ from homestar.runtime.collectives import Collective
 from homestar.runtime.placement import Placement
 from homestar.runtime.scaler import LossScaler
 from homestar.runtime.states import Move
+from homestar.runtime.stream_adam import StreamJob, stream_adamw
 
 _NORM_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s
 
@@ -63,15 +65,17 @@ class ChunkAdamW:
         """fp32 buffer of one slice on the host, reused by every CPU group's widened grads."""
         self.stream_share = 0.0
         """Fraction of the host-homed groups' elements whose AdamW streams through the device
-        (state copied in, updated there, written back as it is evicted) while the CPU updates
-        the rest at the same time; 0: every host-homed group on the CPU."""
+        (state copied in, updated there, copied back) while the CPU updates the rest at the
+        same time; 0: every host-homed group on the CPU."""
+        self.auto_share = False
+        """Move `stream_share` after each step toward the split that makes both engines finish
+        together (their measured elements per second)."""
         self._device_side: set[int] = set()
         """Groups whose AdamW runs on the device this step (homed there, or streamed)."""
         self._worker: ThreadPoolExecutor | None = None
         """The thread that runs the CPU's groups while the device's update (made once)."""
         self._streamed: set[int] = set()
-        """The host-homed ones among them: their grads are held one group at a time, as each
-        updates, not all at once while the norm is taken."""
+        """The host-homed ones among them (their chunks stay on the host; `stream_adam`)."""
 
     def step(self, lr: float, scaler: LossScaler | None) -> StepReport:
         started = time.perf_counter()
@@ -80,9 +84,7 @@ class ChunkAdamW:
         for info in active:
             by_group[info.group.index].append(info)
         comm = self.collective
-        # streaming keeps grads out of the step's whole-model passes (unscaling, the reduce
-        # over ranks), so it runs only without either
-        self._choose_device_side(stream=scaler is None and not comm.active)
+        self._choose_device_side()
         grads = self._stage_grads(by_group)
         owned = {index: infos for index, infos in by_group.items() if comm.owns(index)}
         owned_infos = [info for infos in owned.values() for info in infos]
@@ -118,8 +120,6 @@ class ChunkAdamW:
         grads: dict[int, torch.Tensor] = {}
         pending = []
         for index, infos in by_group.items():
-            if index in self._streamed:
-                continue  # held as the group updates (`_adam_all`)
             chunk = self.groups[index].grad
             tensor = self._hold(chunk, infos)
             # issued in group order on every rank; gloo/NCCL run them while the next is staged
@@ -150,24 +150,14 @@ class ChunkAdamW:
                     cached: dict[int, torch.Tensor]) -> torch.Tensor:
         """Norm of per-parameter norms, stacked in parameter order on the compute device,
         exactly as torch.nn.utils.clip_grad_norm_ computes it. A grad held on the host whose
-        norm is in `cached` (taken on the device at write-back) is not read again; a streamed
-        group's grad is normed where it is (its device copy, else the cached norm)."""
+        norm is in `cached` (taken on the device at write-back) is not read again."""
         if not infos:
             return torch.tensor(0.0)
         target = self.placement.device.device
         norms: list[torch.Tensor | None] = [None] * len(infos)
         tensors: dict[int, torch.Tensor] = {}
         for pos, info in enumerate(infos):
-            chunk = info.group.grad
-            if info.group.index in self._streamed:
-                if chunk.resident:  # read in place, not acquired: queued before any later move
-                    tensors[pos] = chunk.view(chunk.device, info.slot, info.shape)
-                elif info.index in cached:  # its last write-back took it
-                    norms[pos] = cached[info.index]
-                else:  # not normed at write-back (e.g. unscaled since): read the host copy
-                    host = self.placement.host_tensor(chunk, drop_device=False)
-                    tensors[pos] = chunk.view(host, info.slot, info.shape)
-            elif info.group.index not in self._device_side and info.index in cached:
+            if not info.group.optimizer_on_device and info.index in cached:
                 norms[pos] = cached[info.index]
             else:
                 tensors[pos] = grads[info.index]
@@ -194,14 +184,14 @@ class ChunkAdamW:
             torch._foreach_mul_(tensors, coef.to(device))
         return coef
 
-    def _choose_device_side(self, *, stream: bool) -> None:
-        """Groups homed on the device, plus (when `stream`) the first host-homed groups (the
+    def _choose_device_side(self) -> None:
+        """Groups homed on the device, plus the first host-homed groups this rank updates (the
         next forward needs them first, and backward drained their grads last) up to
-        `stream_share` of the host-homed elements. Stable from step to step while homes stay,
-        so the step's trace holds."""
+        `stream_share` of the host-homed elements."""
         self._streamed = set()
-        hosted = [g for g in self.groups if not g.optimizer_on_device and g.has_state]
-        goal = self.stream_share * sum(g.grad.numel for g in hosted) if stream else 0.0
+        hosted = [g for g in self.groups
+                  if not g.optimizer_on_device and g.has_state and self.collective.owns(g.index)]
+        goal = self.stream_share * sum(g.grad.numel for g in hosted)
         taken = 0
         for group in hosted:
             if taken + group.grad.numel / 2 > goal:
@@ -217,12 +207,14 @@ class ChunkAdamW:
     def _adam_all(self, owned: dict[int, list[ParamInfo]], grads: dict[int, torch.Tensor], lr: float,
                   coef: torch.Tensor | None) -> dict[str, float]:
         """AdamW for every owned group: the CPU's groups on a worker thread (torch's kernels
-        release the GIL) while this thread drives the device's, so both engines run at once.
-        Every placement call stays on this thread: the CPU groups' chunks are held before the
-        worker starts and let go after it ends."""
+        release the GIL) while this thread drives the device's (homed there, or streamed), so
+        both engines run at once. Every placement call stays on this thread: the CPU groups'
+        chunks are held before the worker starts and let go after it ends."""
         cpu = [(self.groups[i], infos) for i, infos in owned.items() if i not in self._device_side]
-        dev = [(self.groups[i], infos) for i, infos in owned.items() if i in self._device_side]
+        dev = [(self.groups[i], infos) for i, infos in owned.items() if self.groups[i].optimizer_on_device]
+        streamed = [(self.groups[i], infos) for i, infos in owned.items() if i in self._streamed]
         held = [(group, infos, self._hold_state(group, infos)) for group, infos in cpu]
+        jobs = [self._stream_job(group, infos) for group, infos in streamed]
         host_coef = None if coef is None or not held else coef.cpu()  # one small copy, not one per group
         times = {"opt_cpu_adam": 0.0}
 
@@ -233,57 +225,79 @@ class ChunkAdamW:
             times["opt_cpu_adam"] = time.perf_counter() - begin
 
         pending = None
-        if held and dev:
+        if held and (dev or jobs):
             if self._worker is None:
                 self._worker = ThreadPoolExecutor(1, thread_name_prefix="homestar-cpu-adam")  # reused
             pending = self._worker.submit(cpu_work)
         else:
             cpu_work()
         begin = time.perf_counter()
+        device = self.placement.device
+        wide_coef = None if coef is None or not jobs or jobs[0].grad.dtype == torch.float32 else coef
+        last = stream_adamw(jobs, device, self.placement.scratch, self.placement.free_scratch,  # fp32: clipped
+                            coef=wide_coef, lr=lr, config=self.config)
         for group, infos in dev:
             self._update_on_device(group, infos, grads, lr, coef)
-        times["opt_device_adam_issue"] = time.perf_counter() - begin
+        if jobs:
+            device.host_wait(last)  # sync: the streamed groups' host buffers hold their update
+            times["opt_streamed_adam"] = time.perf_counter() - begin
+            streamed_elems = sum(g.grad.numel for g, _ in streamed)
+            times["stream_share"] = streamed_elems / (streamed_elems + sum(g.grad.numel for g, _ in cpu))
         if pending is not None:
             pending.result()  # waits; re-raises what the worker raised
         for group, infos, _ in held:
             self._let_go_state(group, infos)
+        for group, infos in streamed:
+            self._let_go_state(group, infos)
+        if self.auto_share and held and jobs:
+            self._follow_rates(sum(g.grad.numel for g, _ in cpu), times["opt_cpu_adam"],
+                               sum(g.grad.numel for g, _ in streamed), times["opt_streamed_adam"])
         return times
+
+    def _stream_job(self, group: ChunkGroup, infos: list[ParamInfo]) -> StreamJob:
+        """A streamed group's host buffers (its grads were staged there), held (a device copy is
+        written back first if newer, then dropped: the update rewrites them all), its step
+        counts moved to the device and advanced."""
+        master, exp_avg, exp_avg_sq, *param = self._hold_state(group, infos, where=self.placement.device.device)
+        steps = [self.steps[info.index] for info in infos]
+        torch._foreach_add_(steps, 1)
+        spans = [Span(offset=i.slot.offset, numel=i.slot.numel, step=self.steps[i.index], decay=i.decay)
+                 for i in infos]
+        return StreamJob(spans=spans, grad=group.grad.host, master=master, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+                         param=param[0] if param else None)
+
+    def _follow_rates(self, cpu_elems: int, cpu_s: float, dev_elems: int, dev_s: float) -> None:
+        """Move the split toward the measured rates: the device's share is its part of both
+        engines' combined elements per second (half way there each step, so that one noisy step
+        cannot swing it)."""
+        if cpu_s <= 0 or dev_s <= 0:
+            return
+        cpu_rate, dev_rate = cpu_elems / cpu_s, dev_elems / dev_s
+        target = dev_rate / (cpu_rate + dev_rate)
+        self.stream_share = min(0.95, max(0.05, 0.5 * (self.stream_share + target)))
 
     def _update_on_device(self, group: ChunkGroup, infos: list[ParamInfo], grads: dict[int, torch.Tensor],
                           lr: float, coef: torch.Tensor | None) -> None:
-        """One device-side group: hold, update, let go. Its own function so that no tensor of it
-        outlives the call: a streamed group's chunks may be evicted to make room for the next
-        group's, and a lingering reference would keep memory the budget counts as free."""
-        streamed = group.index in self._streamed
-        own = self._hold_grads(group, infos, coef) if streamed else grads
+        """One device-homed group: hold, update, let go. Its own function so that no tensor of
+        it outlives the call."""
         state = self._hold_state(group, infos)
         wide = None
         if group.grad.dtype != torch.float32:  # budgeted like a chunk: the device may be full
             wide = self.placement.scratch(group.grad.numel, torch.float32)
-        self._update(group, infos, own, lr, coef, state, wide)
+        self._update(group, infos, grads, lr, coef, state, wide)
         if wide is not None:
             self.placement.free_scratch(wide)
         self._let_go_state(group, infos)
-        if streamed:
-            self._let_go(group.grad, infos)
 
-    def _hold_grads(self, group: ChunkGroup, infos: list[ParamInfo], coef: torch.Tensor | None) -> dict[int, torch.Tensor]:
-        """A streamed group's grads, held on the device now (clipped here when fp32; bf16 ones
-        are clipped as they are widened)."""
-        tensor = self._hold(group.grad, infos)
-        grads = {info.index: group.grad.view(tensor, info.slot, info.shape) for info in infos}
-        if coef is not None and tensor.dtype == torch.float32:
-            torch._foreach_mul_(list(grads.values()), coef.to(tensor.device))
-        return grads
-
-    def _hold_state(self, group: ChunkGroup, infos: list[ParamInfo]) -> tuple[torch.Tensor, ...]:
-        """Master, both moments and (when separate) the param chunk, where this group updates;
-        the step counts moved there too."""
+    def _hold_state(self, group: ChunkGroup, infos: list[ParamInfo], where: torch.device | None = None,
+                    ) -> tuple[torch.Tensor, ...]:
+        """Master, both moments and (when separate) the param chunk, where they live; the step
+        counts moved to `where` (default: where the chunks are)."""
         state = tuple(self._hold(c, infos) for c in (group.master, group.exp_avg, group.exp_avg_sq))
         if group.param is not group.master:
             state += (self._hold(group.param, infos),)
         for info in infos:
-            self._step_tensor(info, state[0].device)
+            self._step_tensor(info, where or state[0].device)
         return state
 
     def _let_go_state(self, group: ChunkGroup, infos: list[ParamInfo]) -> None:
@@ -344,8 +358,7 @@ class ChunkAdamW:
     def _finish(self, by_group: dict[int, list[ParamInfo]]) -> None:
         """Release the staged grads, discard every gradient, forget who had one."""
         for index, infos in by_group.items():
-            if index not in self._streamed:  # a streamed group let its grads go as it updated
-                self._let_go(self.groups[index].grad, infos)
+            self._let_go(self.groups[index].grad, infos)
         self._streamed = set()
         self._norms.clear()
         for group in self.groups:
@@ -356,7 +369,7 @@ class ChunkAdamW:
     # -- helpers --------------------------------------------------------------------------
     def _hold(self, chunk: Chunk, infos: list[ParamInfo]) -> torch.Tensor:
         indices = [info.index for info in infos]
-        if chunk.group in self._device_side:
+        if self.groups[chunk.group].optimizer_on_device:
             return self.placement.acquire(chunk, indices)
         return self.placement.acquire_on_host(chunk, indices)
 

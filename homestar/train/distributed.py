@@ -83,7 +83,20 @@ def join_from_env(device: str) -> Ranks:
             torch.cuda.set_device(local_rank)
             backend = "nccl"
         dist.init_process_group(backend=backend)
+    _share_cores(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return Ranks(rank=rank, world=world, local_rank=local_rank)
+
+
+def _share_cores(local_world: int) -> None:
+    """torchrun sets OMP_NUM_THREADS=1 when it is unset, which would run each rank's CPU AdamW on
+    one core. Give each rank its share of the cores it may run on instead (all of them divided
+    among the machine's ranks, or the set it was pinned to); a user's own setting above 1 stays."""
+    if os.environ.get("OMP_NUM_THREADS", "1") != "1":
+        return
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if allowed == (os.cpu_count() or allowed):  # not pinned: the machine's cores are shared
+        allowed //= max(local_world, 1)
+    torch.set_num_threads(max(allowed, 1))
 
 
 def leave() -> None:

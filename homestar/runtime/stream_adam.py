@@ -1,0 +1,155 @@
+"""AdamW of host-homed chunk groups on the device, streamed slice by slice through a ring of
+fixed staging buffers, while the CPU updates other groups.
+
+For each slice of a group: its master and moments (fp32) and its grads are copied host -> device
+into one staging set (upload stream), updated there by torch's fused AdamW (compute stream), and
+master, moments and the new compute-dtype params are copied back into the host buffers (offload
+stream). A set is reused three slices later, once its write-back has read it (a stream wait, no
+host sync), so uploads, updates and write-backs of neighbouring slices overlap and both PCIe
+directions stay busy. The chunks themselves never move: the placement cache, its budget books and
+the step's trace see none of this; the staging sets are charged to the device budget as scratch.
+
+The params' compute-dtype copy is cast from the master over whole slices, elements of no active
+parameter included: those hold bf16(master) already (packing, loading and every update keep the
+param chunk equal to its master cast), so rewriting them changes nothing and saves uploading the
+param slice. Knows nothing of modules, hooks, placement policy or the trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from homestar.optim import OptimConfig
+from homestar.runtime.adam_math import Span, fused_adamw
+from homestar.runtime.memory import DeviceSpace
+
+STREAM_SLICE_ELEMS = 1 << 22
+"""Elements per streamed slice: 4 M elements move 56 MiB each way (fp32 master and moments, bf16
+grad in; the same and the bf16 param out), about 1 ms at PCIe 5 speed: long enough that each
+copy's launch cost is noise, short enough that three staging sets cost 240 MiB of the device."""
+STAGING_SETS = 3
+"""Sets in the ring: one uploading, one updating, one writing back."""
+
+
+def slice_for(chunk_elems: int) -> int:
+    """Elements per slice for chunks of `chunk_elems`: at most a quarter chunk, so the ring
+    stays small beside the chunks on a small device."""
+    return max(1, min(STREAM_SLICE_ELEMS, -(-chunk_elems // 4)))
+
+
+@dataclass(slots=True)
+class StreamJob:
+    """One group's host buffers (flat) and its active parameters' spans."""
+
+    spans: list[Span]
+    grad: torch.Tensor
+    master: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    param: torch.Tensor | None
+    """The compute-dtype param chunk; None when the master is the param (fp32 training)."""
+
+
+def staging_bytes(elems: int, grad_dtype: torch.dtype, param_dtype: torch.dtype) -> int:
+    """Device bytes of the ring's staging sets for slices of `elems` elements."""
+    per = 4 * 4 + (grad_dtype.itemsize if grad_dtype != torch.float32 else 0)
+    per += param_dtype.itemsize if param_dtype != torch.float32 else 0
+    return STAGING_SETS * elems * per
+
+
+class _Set:
+    """One staging set: device buffers for one slice."""
+
+    def __init__(self, scratch, elems: int, grad_dtype: torch.dtype, param_dtype: torch.dtype | None) -> None:
+        self.state = scratch(3 * elems, torch.float32)  # master, exp_avg, exp_avg_sq
+        self.wide = scratch(elems, torch.float32)  # grads in fp32, as the fused kernel reads them
+        self.grad = scratch(elems, grad_dtype) if grad_dtype != torch.float32 else None
+        self.param = scratch(elems, param_dtype) if param_dtype is not None else None
+        self.free_after = None
+        """Event of this set's last write-back: the next upload into it waits for it."""
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [t for t in (self.state, self.wide, self.grad, self.param) if t is not None]
+
+
+def stream_adamw(jobs: list[StreamJob], device: DeviceSpace, scratch, free_scratch, *,
+                 coef: torch.Tensor | None, lr: float, config: OptimConfig):
+    """Update every job's group on the device; returns the event of the last write-back (the
+    host buffers hold the results once it completes) or None when there was nothing to do.
+    `scratch`/`free_scratch`: the placement's budget-charged device buffers. The steps in the
+    spans live on the device and were already advanced for this step."""
+    if not jobs:
+        return None
+    grad_dtype = jobs[0].grad.dtype
+    param_dtype = None if jobs[0].param is None else jobs[0].param.dtype
+    elems = slice_for(max(job.master.numel() for job in jobs))
+    sets = [_Set(scratch, elems, grad_dtype, param_dtype) for _ in range(STAGING_SETS)]
+    if coef is not None:
+        coef = coef.to(device.device)  # once; a device scalar when the norm was taken there
+    last = None
+    turn = 0
+    for job in jobs:
+        for start, stop, spans in _slices(job.spans, elems):
+            ring = sets[turn % STAGING_SETS]
+            turn += 1
+            last = _one_slice(job, start, stop, spans, ring, device, coef, lr, config)
+    for ring in sets:  # returned to the allocator on the compute stream: later work queues behind
+        for tensor in ring.buffers():
+            free_scratch(tensor)
+    return last
+
+
+def _one_slice(job: StreamJob, start: int, stop: int, spans: list[Span], ring: _Set, device: DeviceSpace,
+               coef: torch.Tensor | None, lr: float, config: OptimConfig):
+    n = stop - start
+    master, exp_avg, exp_avg_sq = (ring.state[i * ring.wide.numel(): i * ring.wide.numel() + n] for i in range(3))
+    grad_in = ring.wide[:n] if ring.grad is None else ring.grad[:n]
+    # uploads wait for this set's previous write-back (stream waits only)
+    after = ring.free_after
+    for dst, src in ((master, job.master), (exp_avg, job.exp_avg), (exp_avg_sq, job.exp_avg_sq), (grad_in, job.grad)):
+        after = device.upload_into(dst, src[start:stop], after)  # async H2D from pinned memory
+    device.compute_wait(after, ring.state)
+    wide = ring.wide[:n]
+    if ring.grad is not None:
+        wide.copy_(grad_in)  # bf16 -> fp32 on the device
+    if coef is not None:
+        wide.mul_(coef)
+    for decay in (True, False):
+        chosen = [s for s in spans if s.decay is decay]
+        if chosen:
+            views = [(s.offset - start, s.offset - start + s.numel) for s in chosen]
+            fused_adamw([master[a:b] for a, b in views], [wide[a:b] for a, b in views],
+                        [exp_avg[a:b] for a, b in views], [exp_avg_sq[a:b] for a, b in views],
+                        [s.step for s in chosen], lr=lr, config=config, decay=decay)
+    outs = [(master, job.master), (exp_avg, job.exp_avg), (exp_avg_sq, job.exp_avg_sq)]
+    if ring.param is not None:
+        ring.param[:n].copy_(master)  # fp32 -> compute dtype over the whole slice (see the module doc)
+        outs.append((ring.param[:n], job.param))
+    event = None
+    for src, dst in outs:  # each waits for the compute stream's update, then copies D2H
+        event = device.write_back(src, dst[start:stop], event)
+    ring.free_after = event
+    return event
+
+
+def _slices(spans: list[Span], elems: int):
+    """(start, stop, spans clipped to it) for each slice of at most `elems` elements that holds
+    some active parameter; slices follow the spans, so padding and gaps are not moved."""
+    pieces = []
+    for span in sorted(spans, key=lambda s: s.offset):
+        for a in range(span.offset, span.offset + span.numel, elems):
+            b = min(span.offset + span.numel, a + elems)
+            pieces.append(Span(offset=a, numel=b - a, step=span.step, decay=span.decay))
+    slice_start, current = None, []
+    for piece in pieces:
+        end = piece.offset + piece.numel
+        if slice_start is not None and end - slice_start > elems:
+            yield slice_start, current[-1].offset + current[-1].numel, current
+            slice_start, current = None, []
+        if slice_start is None:
+            slice_start = piece.offset
+        current.append(piece)
+    if current:
+        yield slice_start, current[-1].offset + current[-1].numel, current
