@@ -6,6 +6,7 @@
 #   bash bench/gpu_session.sh large    # 4b and 6.7b at 8 GiB; 2.7b with 32k tokens per step (~8 min)
 #   bash bench/gpu_session.sh plan8    # planner prediction vs measurement, every preset, 8 GiB (~9 min)
 #   bash bench/gpu_session.sh plan24   # the same at 24 GiB
+#   bash bench/gpu_session.sh plan8big # 8 GiB, 2.7b 4b 6.7b only (~6 min)
 #   bash bench/gpu_session.sh stream   # CUDA tests; 1.3b with AdamW split CPU/GPU vs CPU alone; 2.7b split (~6 min)
 # Timings are estimates from one day's runs; every command has its own timeout so one slow item
 # cannot take the rest of the call with it.
@@ -44,6 +45,9 @@ case "${1:-}" in
     bench 4b_8 180 --preset 4b "${B8[@]}" --steps 2 --warmup 2
     bench 6.7b_8 240 --preset 6.7b "${B8[@]}" --steps 2 --warmup 1
     bench 2.7b_8_32k 150 --preset 2.7b --gpu-mem-gib 8 --micro-batch 8 --accum 4 --steps 2 --warmup 1 ;;
+  plan8big)  # the presets whose first step ran out of memory before the activation forecast
+    say "plan vs measured at 8 GiB, 2.7b 4b 6.7b"
+    timeout 560 python bench/plan_vs_measured.py --budgets 8 --presets 2.7b 4b 6.7b --steps 2 2>&1 | tee "$OUT/plan8big.txt" ;;
   plan8|plan24)
     budget=${1#plan}; say "plan vs measured at $budget GiB"
     timeout 560 python bench/plan_vs_measured.py --budgets "$budget" --steps 2 2>&1 | tee "$OUT/plan$budget.txt" ;;
@@ -52,6 +56,6 @@ case "${1:-}" in
     bench 1.3b_auto 120 --preset 1.3b "${B8[@]}" --steps 3 --warmup 3
     bench 1.3b_cpu 100 --preset 1.3b "${B8[@]}" --steps 3 --warmup 2 --stream-share 0
     bench 2.7b_auto 150 --preset 2.7b "${B8[@]}" --steps 3 --warmup 3 ;;
-  *) echo "usage: bash bench/gpu_session.sh checks|small|large|plan8|plan24|stream" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_session.sh checks|small|large|plan8|plan8big|plan24|stream" >&2; exit 2 ;;
 esac
 say done

@@ -24,9 +24,10 @@ WORLD = 2
 STEPS = 2
 
 
-def _config(precision: str) -> RuntimeConfig:
+def _config(precision: str, stream_share: float | None = None) -> RuntimeConfig:
     # every group homed on the host, so host bytes are every chunk's home
-    return RuntimeConfig(device="cpu", chunk_elems=CHUNK, precision=precision, optimizer_placement="host")
+    return RuntimeConfig(device="cpu", chunk_elems=CHUNK, precision=precision, optimizer_placement="host",
+                         optimizer_stream_share=stream_share)
 
 
 def _train(engine, data, rank: int | None) -> None:
@@ -46,15 +47,15 @@ def _report(engine) -> dict:
     state = engine.state_dict()
     return {"state_groups": stats["state_groups"], "state_bytes": stats["optimizer_state_bytes"],
             "cpu_mem": engine.memory()["cpu_mem"], "weights": state["weights"],
-            "moments": sorted(state["optimizer"]["exp_avg"])}
+            "moments": sorted(state["optimizer"]["exp_avg"]), "streamed": stats["streamed_groups"]}
 
 
-def _rank(rank: int, init: str, precision: str, out: dict) -> None:
+def _rank(rank: int, init: str, precision: str, share: float | None, out: dict) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
     try:
         setup = Setup()
-        engine = attach(make_model(setup), _config(precision), optim_config(setup),
+        engine = attach(make_model(setup), _config(precision, share), optim_config(setup),
                         collective=Collective(rank=rank, world=WORLD))
         _train(engine, batches(STEPS, 1), rank)
         out[rank] = _report(engine)
@@ -62,8 +63,10 @@ def _rank(rank: int, init: str, precision: str, out: dict) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_each_rank_allocates_only_its_groups_optimizer_state(tmp_path, precision):
+@pytest.mark.parametrize("precision, share", [("fp32", None), ("bf16", None), ("bf16", 0.6)])
+def test_each_rank_allocates_only_its_groups_optimizer_state(tmp_path, precision, share):
+    """`share`: the fraction of each rank's own host-homed groups whose AdamW streams through the
+    (simulated) device, beside its CPU's."""
     setup = Setup()
     # ranks keep fp32 grads whatever the precision (their reduce sums in the grads' dtype):
     # the one-process reference does the same, so the two differ in optimizer state alone
@@ -76,13 +79,17 @@ def test_each_rank_allocates_only_its_groups_optimizer_state(tmp_path, precision
 
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_rank, args=(f"file://{tmp_path / 'store'}", precision, out), nprocs=WORLD, join=True)
+        mp.spawn(_rank, args=(f"file://{tmp_path / 'store'}", precision, share, out), nprocs=WORLD, join=True)
         ranks = [out[r] for r in range(WORLD)]
 
     per_elem = 12 if precision == "bf16" else 8  # fp32 master (when separate) + two fp32 moments
     assert whole["state_bytes"] == per_elem * sum(g.param.numel for g in single.groups)
     for rank, report in enumerate(ranks):
         assert report["state_groups"] == list(range(rank, n_groups, WORLD))
+        if share:  # some of its own groups, not all
+            assert report["streamed"] and set(report["streamed"]) < set(report["state_groups"])
+        else:
+            assert report["streamed"] == []
         owned = sum(single.groups[g].param.numel for g in report["state_groups"])
         assert report["state_bytes"] == per_elem * owned
         # host memory: every param and grad chunk, optimizer state for owned groups alone

@@ -99,15 +99,30 @@ class CudaDevice(DeviceSpace):
             event.record(stream)
         return dev, event
 
-    def upload_into(self, dst: torch.Tensor, src: torch.Tensor, after: Any) -> Any:
+    def upload_into(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], after: Any) -> Any:
         stream = self.upload_stream
         if after is not None:
-            stream.wait_event(after)  # stream wait: whatever still reads or writes dst finishes first
+            stream.wait_event(after)  # stream wait: whatever still reads or writes the dsts finishes first
+        return self._copies(stream, pairs, "h2d")  # async H2D from pinned memory
+
+    def download_into(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], after: Any) -> Any:
+        stream = self.offload_stream
+        stream.wait_stream(self._compute())  # stream wait: compute's writes to the srcs land first
+        if after is not None:
+            stream.wait_event(after)
+        event = self._copies(stream, pairs, "d2h")  # async D2H into pinned memory
+        for _, src in pairs:
+            src.record_stream(stream)  # src's memory is not reused before the copy has read it
+        return event
+
+    def _copies(self, stream: torch.cuda.Stream, pairs: list[tuple[torch.Tensor, torch.Tensor]], phase: str) -> Any:
+        """Queue the copies on `stream` and one event after them (one event, not one per copy)."""
         with torch.cuda.stream(stream):
             begin = self.clock.start(stream) if self.clock else None
-            dst.copy_(src, non_blocking=True)  # async H2D from pinned memory
+            for dst, src in pairs:
+                dst.copy_(src, non_blocking=True)
             if self.clock:
-                self.clock.stop("h2d", begin, stream)
+                self.clock.stop(phase, begin, stream)
             event = torch.cuda.Event()
             event.record(stream)
         return event

@@ -126,9 +126,14 @@ class DeviceSpace(MemorySpace):
         """Copy a device tensor into its host buffer; returns the copy's event."""
         raise NotImplementedError
 
-    def upload_into(self, dst: torch.Tensor, src: torch.Tensor, after: Any) -> Any:
-        """Copy a host tensor into an existing device tensor once `after` completed; returns the
-        copy's event (compute must `compute_wait` on it before reading `dst`)."""
+    def upload_into(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], after: Any) -> Any:
+        """Copy each (device dst, host src) pair once `after` completed; returns one event for
+        them all (compute must `compute_wait` on it before reading a dst)."""
+        raise NotImplementedError
+
+    def download_into(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], after: Any) -> Any:
+        """Copy each (host dst, device src) pair once compute's work so far and `after`
+        completed; returns one event for them all."""
         raise NotImplementedError
 
     def compute_wait(self, event: Any, tensor: torch.Tensor) -> None:
@@ -208,12 +213,18 @@ class SimulatedDevice(DeviceSpace):
                 self.clock.stop("h2d", begin)
         return dev, None
 
-    def upload_into(self, dst: torch.Tensor, src: torch.Tensor, after: Any) -> Any:
+    def upload_into(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], after: Any) -> Any:
+        return self._copies(pairs, "h2d")
+
+    def download_into(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], after: Any) -> Any:
+        return self._copies(pairs, "d2h")
+
+    def _copies(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], phase: str) -> None:
         begin = self.clock.start() if self.clock else None
-        dst.copy_(src)  # synchronous copy between the two simulated spaces
+        for dst, src in pairs:
+            dst.copy_(src)  # synchronous copies between the two simulated spaces
         if self.clock:
-            self.clock.stop("h2d", begin)
-        return None
+            self.clock.stop(phase, begin)
 
     def write_back(self, dev: torch.Tensor, host: torch.Tensor, after: Any) -> Any:
         begin = self.clock.start() if self.clock else None

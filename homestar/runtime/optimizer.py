@@ -116,14 +116,18 @@ class ChunkAdamW:
 
     # -- stages ---------------------------------------------------------------------------
     def _stage_grads(self, by_group: dict[int, list[ParamInfo]]) -> dict[int, torch.Tensor]:
-        """Each active grad as a view where its group's optimizer runs (grad chunks held)."""
+        """Each active grad as a view where its group's optimizer runs (grad chunks held).
+        Across ranks each is summed onto its owner, issued in group order on every rank with two
+        in flight: one reduces while the next is staged, and under NCCL no more than two host
+        chunks' staged copies take GPU memory at once."""
         grads: dict[int, torch.Tensor] = {}
-        pending = []
+        pending: list = []
         for index, infos in by_group.items():
             chunk = self.groups[index].grad
             tensor = self._hold(chunk, infos)
-            # issued in group order on every rank; gloo/NCCL run them while the next is staged
             pending.append(self.collective.reduce_to_owner(tensor, index))
+            if len(pending) > 1:
+                pending.pop(0).wait()
             for info in infos:
                 grads[info.index] = chunk.view(tensor, info.slot, info.shape)
         for work in pending:

@@ -106,11 +106,10 @@ def _one_slice(job: StreamJob, start: int, stop: int, spans: list[Span], ring: _
     n = stop - start
     master, exp_avg, exp_avg_sq = (ring.state[i * ring.wide.numel(): i * ring.wide.numel() + n] for i in range(3))
     grad_in = ring.wide[:n] if ring.grad is None else ring.grad[:n]
-    # uploads wait for this set's previous write-back (stream waits only)
-    after = ring.free_after
-    for dst, src in ((master, job.master), (exp_avg, job.exp_avg), (exp_avg_sq, job.exp_avg_sq), (grad_in, job.grad)):
-        after = device.upload_into(dst, src[start:stop], after)  # async H2D from pinned memory
-    device.compute_wait(after, ring.state)
+    # the uploads wait for this set's previous write-back (stream waits only)
+    ins = [(master, job.master), (exp_avg, job.exp_avg), (exp_avg_sq, job.exp_avg_sq), (grad_in, job.grad)]
+    uploaded = device.upload_into([(dst, src[start:stop]) for dst, src in ins], ring.free_after)
+    device.compute_wait(uploaded, ring.state)
     wide = ring.wide[:n]
     if ring.grad is not None:
         wide.copy_(grad_in)  # bf16 -> fp32 on the device
@@ -127,11 +126,9 @@ def _one_slice(job: StreamJob, start: int, stop: int, spans: list[Span], ring: _
     if ring.param is not None:
         ring.param[:n].copy_(master)  # fp32 -> compute dtype over the whole slice (see the module doc)
         outs.append((ring.param[:n], job.param))
-    event = None
-    for src, dst in outs:  # each waits for the compute stream's update, then copies D2H
-        event = device.write_back(src, dst[start:stop], event)
-    ring.free_after = event
-    return event
+    # after the compute stream's update (a stream wait), D2H into the pinned host buffers
+    ring.free_after = device.download_into([(dst[start:stop], src) for src, dst in outs], None)
+    return ring.free_after
 
 
 def _slices(spans: list[Span], elems: int):
