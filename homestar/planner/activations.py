@@ -23,7 +23,10 @@ class ActivationMemory:
     is the saved activations plus the larger of two phases, the loss/head backward and one
     block's recompute and backward, never both at once. The model reads above what was measured
     for d_model 128-4096 and micro-batches 2-8 (by 4-13%), and 40% above at micro-batch 1,
-    where the loss's fixed-size fp32 slices dominate.
+    where the loss's fixed-size fp32 slices dominate. Since then checkpointed block inputs count
+    in fp32, as an allocator history of the 32-layer 2.7b preset showed them (twice the bf16
+    figure the calibration had used: its models were shallow enough not to show it); the
+    shallow models' figures above were not re-measured after that change.
     """
 
     saved: int
@@ -54,11 +57,12 @@ def activation_memory(config: GPTConfig, *, micro_batch: int, seq_len: int, act_
     is the fused SDPA kernel: no [T, T] scores are kept.
     """
     tensor = micro_batch * seq_len * config.d_model * act_bytes
+    residual = micro_batch * seq_len * config.d_model * 4  # the residual stream is fp32 (`GPT.hidden_states`)
     per_block = (21 if act_bytes < 4 else 17) * tensor
     backward_live = 19 * tensor
     final_norm = 2 * tensor * (4 // act_bytes)  # fp32 output, kept for the head's backward
-    if checkpointing:
-        saved, block_phase = config.n_layer * tensor, per_block + backward_live
+    if checkpointing:  # each block's fp32 input (seen: 32 x 80 MiB for 2.7b at micro-batch 8, H200)
+        saved, block_phase = config.n_layer * residual, per_block + backward_live
     else:
         saved, block_phase = config.n_layer * per_block, backward_live
     logit_elems = micro_batch * seq_len * config.vocab_size
