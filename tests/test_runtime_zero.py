@@ -24,10 +24,11 @@ WORLD = 2
 STEPS = 2
 
 
-def _config(precision: str, stream_share: float | None = None) -> RuntimeConfig:
+def _config(precision: str, stream_share: float | None = None, budget_chunks: int | None = None) -> RuntimeConfig:
     # every group homed on the host, so host bytes are every chunk's home
+    budget = None if budget_chunks is None else budget_chunks * CHUNK * 4
     return RuntimeConfig(device="cpu", chunk_elems=CHUNK, precision=precision, optimizer_placement="host",
-                         optimizer_stream_share=stream_share)
+                         optimizer_stream_share=stream_share, gpu_budget_bytes=budget)
 
 
 def _train(engine, data, rank: int | None) -> None:
@@ -47,45 +48,53 @@ def _report(engine) -> dict:
     state = engine.state_dict()
     return {"state_groups": stats["state_groups"], "state_bytes": stats["optimizer_state_bytes"],
             "cpu_mem": engine.memory()["cpu_mem"], "weights": state["weights"],
-            "moments": sorted(state["optimizer"]["exp_avg"]), "streamed": stats["streamed_groups"]}
+            "moments": sorted(state["optimizer"]["exp_avg"]), "streamed": stats["streamed_groups"],
+            "reduced_in_backward": stats["reduced_in_backward"], "evictions": stats["evictions"]}
 
 
-def _rank(rank: int, init: str, precision: str, share: float | None, out: dict) -> None:
+def _rank(rank: int, init: str, precision: str, share: float | None, accum: int, budget: int | None,
+          out: dict) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
     try:
         setup = Setup()
-        engine = attach(make_model(setup), _config(precision, share), optim_config(setup),
+        engine = attach(make_model(setup), _config(precision, share, budget), optim_config(setup),
                         collective=Collective(rank=rank, world=WORLD))
-        _train(engine, batches(STEPS, 1), rank)
+        _train(engine, batches(STEPS, accum), rank)
         out[rank] = _report(engine)
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("precision, share", [("fp32", None), ("bf16", None), ("bf16", 0.6)])
-def test_each_rank_allocates_only_its_groups_optimizer_state(tmp_path, precision, share):
+@pytest.mark.parametrize("precision, share, accum, budget", [
+    ("fp32", None, 1, None), ("bf16", None, 1, None), ("bf16", 0.6, 1, None),
+    ("fp32", None, 2, 6),  # accumulation, and a device budget that evicts grad chunks mid-backward
+])
+def test_each_rank_allocates_only_its_groups_optimizer_state(tmp_path, precision, share, accum, budget):
     """`share`: the fraction of each rank's own host-homed groups whose AdamW streams through the
-    (simulated) device, beside its CPU's."""
+    (simulated) device, beside its CPU's. Every grad chunk is summed onto its owner as the step's
+    last backward completes it, not in the step."""
     setup = Setup()
     # ranks keep fp32 grads whatever the precision (their reduce sums in the grads' dtype):
     # the one-process reference does the same, so the two differ in optimizer state alone
     config = dataclasses.replace(_config(precision), grad_precision="fp32")
     single = attach(copy.deepcopy(make_model(setup)), config, optim_config(setup))
-    _train(single, batches(STEPS, 1), None)
+    _train(single, batches(STEPS, accum), None)
     whole = _report(single)
     n_groups = len(single.groups)
     assert n_groups >= 4 and whole["state_groups"] == list(range(n_groups))
 
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_rank, args=(f"file://{tmp_path / 'store'}", precision, share, out), nprocs=WORLD, join=True)
+        mp.spawn(_rank, args=(f"file://{tmp_path / 'store'}", precision, share, accum, budget, out),
+                 nprocs=WORLD, join=True)
         ranks = [out[r] for r in range(WORLD)]
 
     per_elem = 12 if precision == "bf16" else 8  # fp32 master (when separate) + two fp32 moments
     assert whole["state_bytes"] == per_elem * sum(g.param.numel for g in single.groups)
     for rank, report in enumerate(ranks):
         assert report["state_groups"] == list(range(rank, n_groups, WORLD))
+        assert report["reduced_in_backward"] == n_groups * STEPS  # once per step, in the last backward
         if share:  # some of its own groups, not all
             assert report["streamed"] and set(report["streamed"]) < set(report["state_groups"])
         else:

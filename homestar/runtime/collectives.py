@@ -19,7 +19,8 @@ import torch
 
 @dataclass(kw_only=True, slots=True)
 class Pending:
-    """An issued asynchronous collective; `wait()` finishes it (and copies a staged result back)."""
+    """An issued asynchronous collective; `wait()` finishes it (and copies a staged result back
+    into `target`, when there is one; a staged buffer is kept alive until then either way)."""
 
     work: object | None = None
     staged: torch.Tensor | None = None
@@ -28,7 +29,7 @@ class Pending:
     def wait(self) -> None:
         if self.work is not None:
             self.work.wait()
-        if self.staged is not None:
+        if self.staged is not None and self.target is not None:
             self.target.copy_(self.staged)  # cost: device -> host copy of a staged chunk
 
 
@@ -84,8 +85,13 @@ class Collective:
 
         if not self.active:
             return Pending()
-        staged = self._stage(tensor)
-        work = dist.broadcast(staged, src=self.owner(group_index), async_op=True)
+        src = self.owner(group_index)
+        # staged on the backend's device under NCCL: the owner uploads its copy and keeps it (no
+        # copy back); the others receive into an empty buffer (no upload) and copy it home
+        staged = self._stage(tensor, upload=self.rank == src)
+        work = dist.broadcast(staged, src=src, async_op=True)
+        if self.rank == src:
+            return Pending(work=work, staged=None if staged is tensor else staged)
         return self._pending(work, staged, tensor)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -100,12 +106,13 @@ class Collective:
         return tensor
 
     # -- helpers ------------------------------------------------------------------------------
-    def _stage(self, tensor: torch.Tensor) -> torch.Tensor:
+    def _stage(self, tensor: torch.Tensor, *, upload: bool = True) -> torch.Tensor:
         """The tensor itself where the backend can use it, else a copy on the backend's device
-        (cost: one host -> device copy per collective on a host-homed chunk under NCCL)."""
+        (cost: one host -> device copy per collective on a host-homed chunk under NCCL; none
+        without `upload`: an empty buffer the collective fills)."""
         if tensor.device == self.device or self.device.type == "cpu" and tensor.device.type == "cpu":
             return tensor.contiguous() if not tensor.is_contiguous() else tensor
-        return tensor.to(self.device)
+        return tensor.to(self.device) if upload else torch.empty(tensor.shape, dtype=tensor.dtype, device=self.device)
 
     @staticmethod
     def _pending(work, staged: torch.Tensor, tensor: torch.Tensor) -> Pending:

@@ -69,6 +69,10 @@ class ChunkedEngine:
         if config.precision == "fp16":
             self.scaler = LossScaler(scale=config.loss_scale_init, growth_interval=config.loss_scale_growth_interval)
         self.hooks = RuntimeHooks(model, table, placement)
+        if adamw.collective.active:  # grads summed onto their owners as backward completes them
+            self.hooks.grad_done = adamw.reduce_in_backward
+        self._micro_batches = 0
+        """Micro-batches accumulated since the last step (or discarded grads)."""
         self.device = placement.device.device
         self._closed = False
         self._update_resident()
@@ -85,6 +89,11 @@ class ChunkedEngine:
                 loss = self.loss_fn(self.model, idx, targets)
             mark = clock.stop("forward", mark) if clock else None
             self.hooks.phase = Phase.BACKWARD
+            # loss_div is the step's micro-batches over all ranks (the Engine protocol), so this
+            # rank's last micro-batch is its loss_div / world-th
+            self._micro_batches += 1
+            comm = self.adamw.collective
+            self.hooks.last_backward = comm.active and self._micro_batches >= round(loss_div / comm.world)
             scaled = loss / loss_div
             if self.scaler is not None:
                 scaled = scaled * self.scaler.scale
@@ -94,11 +103,13 @@ class ChunkedEngine:
         return loss.detach()
 
     def step(self, lr: float) -> StepReport:
+        self._micro_batches = 0
         with self._work(("step",)):
             return self.adamw.step(lr, self.scaler)
 
     def zero_grad(self) -> None:
         """Forget the grads accumulated since the last step (a failed step's); nothing is updated."""
+        self._micro_batches = 0
         self.adamw.discard_grads()
 
     def eval_loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -196,6 +207,7 @@ class ChunkedEngine:
             "allocator_peak_bytes": self.placement.device.allocator_peak(),
             "device_groups": [g.index for g in self.groups if g.optimizer_on_device],
             "streamed_groups": self.adamw.streamed_groups(),
+            "reduced_in_backward": self.adamw.reduced_in_backward,
             "state_groups": [g.index for g in self.groups if g.has_state],
             "optimizer_state_bytes": sum(c.nbytes for g in self.groups for c in g.optimizer_chunks()),
         }

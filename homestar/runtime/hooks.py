@@ -10,6 +10,13 @@
 - Gradients: a post-accumulate-grad hook adds each parameter's gradient into its slot of the
   grad chunk (fp32, or bf16 under bf16), drops `.grad`, and ends the parameter's backward hold. Tied parameters
   get one accumulated gradient from autograd; parameters that get none are swept by `end_backward`.
+- Across ranks, in the step's last backward: once a grad chunk has received every gradient it
+  will get, `grad_done` is told (the optimizer starts summing it onto its owner rank there, on
+  the device, while backward goes on); the chunk stays held until the next chunk completes or
+  backward ends, then `grad_done`'s finisher runs and the chunk is let go. Chunks whose
+  parameters did not all get a gradient are handed over at the end of backward, in chunk order.
+  Every rank thus issues the same collectives in the same order as long as the same parameters
+  get gradients on every rank (true of models without data-dependent branches, such as GPT).
 - Resident mode (`set_resident`), for a model whose every chunk lives on the device: parameters
   stay bound to their slots and `.grad` is a view of the grad chunk, which autograd accumulates
   into in place; the module and saved-tensor hooks return at once and the grad hook only notes
@@ -22,6 +29,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from enum import Enum
+from typing import Callable
 
 import torch
 from torch import nn
@@ -63,6 +71,21 @@ class RuntimeHooks:
         """Every parameter bound and every grad a view of its chunk (see `set_resident`)."""
         self._settle = list({id(c): c for info in table for c in (info.group.param, info.group.grad)}.values())
         """Chunks whose slots forward and backward leave in HOLD_AFTER_* (reset settles them)."""
+        self.grad_done: Callable[[Chunk], Callable[[], None]] | None = None
+        """Called with a grad chunk (held on the device) that got all its gradients in the last
+        backward of a step; returns what to run before the chunk is let go."""
+        self.last_backward = False
+        """This backward is the step's last (set by the engine): completed grad chunks are
+        handed to `grad_done`."""
+        self._expected: dict[int, int] = {}
+        for info in table:
+            if info.param.requires_grad:
+                self._expected[info.group.grad.id] = self._expected.get(info.group.grad.id, 0) + 1
+        self._arrived: dict[int, int] = {}
+        self._handed: set[int] = set()
+        """Grad chunks handed to `grad_done` in this backward."""
+        self._pending: list[tuple[Chunk, list[int], Callable[[], None]]] = []
+        """Handed chunks still held, with the slots to let go and the finisher to run first."""
         for module in model.modules():
             owned = self._owned(module)
             if owned:
@@ -184,21 +207,66 @@ class RuntimeHooks:
         chunk = info.group.grad
         device_tensor = self.placement.acquire(chunk, [info.index])
         chunk.view(device_tensor, info.slot, info.shape).add_(grad)  # accumulates in the chunk's dtype (fp32 casts)
-        self.placement.release(chunk, [info.index], Move.RELEASE_BWD, wrote=True)
         info.has_grad = True
         self._end_hold(info)
+        if self._completes(chunk):
+            self._hand_over(chunk, [info.index])  # stays held until the next one completes
+            return
+        self.placement.release(chunk, [info.index], Move.RELEASE_BWD, wrote=True)
         self.placement.offload_if_done(chunk)
+
+    def _completes(self, chunk: Chunk) -> bool:
+        if not (self.last_backward and self.grad_done):
+            return False
+        self._arrived[chunk.id] = self._arrived.get(chunk.id, 0) + 1
+        return self._arrived[chunk.id] == self._expected[chunk.id]
+
+    def _hand_over(self, chunk: Chunk, held: list[int]) -> None:
+        """Tell `grad_done` (the chunk is held); finish and let go the one handed before, so
+        one collective runs while backward computes the next chunk's gradients."""
+        self._handed.add(chunk.id)
+        finish = self.grad_done(chunk)
+        self._flush(keep=0)
+        self._pending.append((chunk, held, finish))
+
+    def _flush(self, keep: int = 0) -> None:
+        while len(self._pending) > keep:
+            chunk, held, finish = self._pending.pop(0)
+            self.placement.release(chunk, held, Move.RELEASE_BWD, wrote=True)
+            finish()  # after the release: it may mark the device copy as not worth writing back
+            self.placement.offload_if_done(chunk)
+
+    def _hand_over_rest(self) -> None:
+        """End of the last backward: chunks holding gradients that were not handed over yet
+        (some of their parameters got none this time), in chunk order; then finish them all."""
+        if not (self.last_backward and self.grad_done):
+            return
+        filled: dict[int, tuple[Chunk, list[int]]] = {}
+        for info in self.table:
+            chunk = info.group.grad
+            if info.has_grad and chunk.id not in self._handed:
+                filled.setdefault(chunk.id, (chunk, []))[1].append(info.index)
+        for chunk_id in sorted(filled):
+            chunk, indices = filled[chunk_id]
+            self.placement.acquire(chunk, indices)
+            self._hand_over(chunk, indices)
+        self._flush()
 
     def end_backward(self) -> None:
         """End every backward hold still open (params that got no gradient) and reset states."""
         for index in sorted(self._backward_held):
             self._end_hold(self.table.infos[index])
+        self._hand_over_rest()
         self.reset()
 
     def reset(self) -> None:
         """End of a forward (and backward): every tensor back to HOLD (or FREE), all unbound."""
         self._backward_held.clear()
         self._open.clear()
+        self._arrived.clear()
+        self._handed.clear()
+        self._pending.clear()  # emptied by end_backward; only a failed run leaves some (abandoned)
+        self.last_backward = False
         if not self.resident:
             self.table.unbind_all()
         for chunk in self._settle:

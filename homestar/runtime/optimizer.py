@@ -12,7 +12,8 @@ step does not read host grads for the norm; bf16 grads are widened to fp32 as Ad
 their state streamed through it slice by slice (`stream_adam`), while a worker thread updates
 the CPU's groups; with `auto_share` the split follows both engines' measured rates.
 Across ranks (a `Collective` of world > 1, group-owner ZeRO): each group's fp32 grads are summed
-onto its owner, the squared norm of the owners' grads is summed over ranks, each owner updates
+onto its owner (on the device, as the step's last backward completes each grad chunk:
+`reduce_in_backward`; in the step for any chunk that was not), the squared norm of the owners' grads is summed over ranks, each owner updates
 its groups alone and broadcasts their param chunks. At world 1 none of that is issued.
 Knows nothing of modules, hooks or the trainer.
 """
@@ -76,6 +77,12 @@ class ChunkAdamW:
         """The thread that runs the CPU's groups while the device's update (made once)."""
         self._streamed: set[int] = set()
         """The host-homed ones among them (their chunks stay on the host; `stream_adam`)."""
+        self._reduced: set[int] = set()
+        """Groups whose grads were summed onto their owner during backward (this step)."""
+        self._held: set[int] = set()
+        """Groups whose grad chunks the step holds (let go in `_finish`)."""
+        self.reduced_in_backward = 0
+        """Grad chunks summed onto their owner during backward, over the run (for tests)."""
 
     def step(self, lr: float, scaler: LossScaler | None) -> StepReport:
         started = time.perf_counter()
@@ -123,13 +130,18 @@ class ChunkAdamW:
         grads: dict[int, torch.Tensor] = {}
         pending: list = []
         for index, infos in by_group.items():
+            reduced = index in self._reduced
+            if reduced and not self.collective.owns(index):
+                continue  # summed onto its owner already; nothing here needs it
             chunk = self.groups[index].grad
             tensor = self._hold(chunk, infos)
-            pending.append(self.collective.reduce_to_owner(tensor, index))
-            if len(pending) > 1:
-                pending.pop(0).wait()
+            self._held.add(index)
             for info in infos:
                 grads[info.index] = chunk.view(tensor, info.slot, info.shape)
+            if not reduced:
+                pending.append(self.collective.reduce_to_owner(tensor, index))
+                if len(pending) > 1:
+                    pending.pop(0).wait()
         for work in pending:
             work.wait()
         return grads
@@ -349,6 +361,25 @@ class ChunkAdamW:
             found = param_norms([chunk.view(tensor, info.slot, info.shape) for info in infos])
             self._norms.update(zip((info.index for info in infos), found))
 
+    def reduce_in_backward(self, chunk: Chunk):
+        """Start summing a completed grad chunk (held on the device) onto its group's owner rank,
+        where it lies: no host round trip, and the collective runs while backward goes on.
+        Returns the finisher the hooks run before letting the chunk go: it makes later work
+        wait for the sum (a stream wait under NCCL), and on the other ranks marks the device
+        copy as not worth writing back (its sum went to the owner)."""
+        index = chunk.group
+        work = self.collective.reduce_to_owner(chunk.device, index)  # async; fp32 (see collectives)
+        self._reduced.add(index)
+        self.reduced_in_backward += 1
+        owner = self.collective.owns(index)
+
+        def finish() -> None:
+            work.wait()
+            if not owner:
+                chunk.device_dirty = False
+
+        return finish
+
     def close(self) -> None:
         """Stop the worker thread, if one was started."""
         if self._worker is not None:
@@ -362,7 +393,10 @@ class ChunkAdamW:
     def _finish(self, by_group: dict[int, list[ParamInfo]]) -> None:
         """Release the staged grads, discard every gradient, forget who had one."""
         for index, infos in by_group.items():
-            self._let_go(self.groups[index].grad, infos)
+            if index in self._held:
+                self._let_go(self.groups[index].grad, infos)
+        self._held.clear()
+        self._reduced.clear()
         self._streamed = set()
         self._norms.clear()
         for group in self.groups:

@@ -26,6 +26,8 @@ class Engine(Protocol):
 
     def forward_backward(self, idx: torch.Tensor, targets: torch.Tensor, loss_div: float) -> torch.Tensor:
         """Run forward and backward on one micro-batch, accumulating grads of loss / loss_div.
+        `loss_div` is the number of micro-batches in the step over all ranks (an engine across
+        ranks tells its last micro-batch of the step by it).
 
         Returns the (undivided) loss as a detached 0-d tensor; reading it is the caller's sync.
         """
