@@ -85,3 +85,28 @@ def test_streamed_adamw_equals_the_host_update(monkeypatch, clip):
     assert torch.equal(param, ref_param)
     assert device.used == 0 and device.peak > 0
     assert not torch.equal(got[0], master)
+
+
+def test_the_automatic_split_settles_and_travels_with_the_state():
+    """The CPU/GPU split follows measured rates for AUTO_SHARE_STEPS steps, then stays; its state
+    goes into the canonical optimizer extras and comes back on load."""
+    from homestar.runtime.optimizer import AUTO_SHARE_STEPS, ChunkAdamW
+
+    adamw = ChunkAdamW.__new__(ChunkAdamW)  # the split's logic alone: no chunks needed
+    adamw.auto_share, adamw.stream_share, adamw.share_steps = True, 0.5, 0
+    for _ in range(AUTO_SHARE_STEPS + 3):  # the device twice as fast per element
+        adamw._follow_rates(cpu_elems=100, cpu_s=1.0, dev_elems=200, dev_s=1.0)
+    settled = adamw.stream_share
+    assert adamw.share_steps == AUTO_SHARE_STEPS and abs(settled - 2 / 3) < 0.01
+    adamw._follow_rates(cpu_elems=100, cpu_s=1.0, dev_elems=1, dev_s=1.0)
+    assert adamw.stream_share == settled  # settled: no longer moves
+    state = adamw.split_state()
+    other = ChunkAdamW.__new__(ChunkAdamW)
+    other.auto_share, other.stream_share, other.share_steps = True, 0.5, 0
+    other.load_split_state(state)
+    assert (other.stream_share, other.share_steps) == (settled, AUTO_SHARE_STEPS)
+    fixed = ChunkAdamW.__new__(ChunkAdamW)
+    fixed.auto_share, fixed.stream_share, fixed.share_steps = False, 0.3, 0
+    assert fixed.split_state() == {}
+    fixed.load_split_state(state)
+    assert fixed.stream_share == 0.3  # a fixed split is the configuration's, not the checkpoint's

@@ -4,7 +4,8 @@ Canonical state is what every engine saves and loads: {"weights": {name: fp32 CP
 "optimizer": {"step": int, "exp_avg": {name: ...}, "exp_avg_sq": {name: ...}, extras}}, names as
 `model.named_parameters()` lists them (tied parameters once). Moments appear for parameters
 that have optimizer state (torch's rule: a parameter that never had a gradient has none).
-Extras: "param_steps" when parameters' step counts differ, the fp16 loss scale. Across ranks
+Extras: "param_steps" when parameters' step counts differ, the fp16 loss scale, the CPU/GPU split
+of AdamW when it follows measured rates. Across ranks
 (group-owner ZeRO) a rank loads every parameter's weights but moments and step counts only for the
 groups it owns: the others have no chunks for them here.
 Knows nothing of files, models or the trainer.
@@ -56,6 +57,7 @@ def export_state(table: ParamTable, adamw: ChunkAdamW, placement: Placement, sca
         optimizer["param_steps"] = steps
     if scaler is not None:
         optimizer.update(scaler.state_dict())
+    optimizer.update(adamw.split_state())
     return {"weights": weights, "optimizer": optimizer}
 
 
@@ -82,6 +84,7 @@ def import_state(state: dict, table: ParamTable, adamw: ChunkAdamW, placement: P
     adamw.step_count = step
     if scaler is not None:
         scaler.load_state_dict(optimizer)
+    adamw.load_split_state(optimizer)
 
 
 def _write(placement: Placement, chunk: Chunk, info, value: torch.Tensor | None) -> None:

@@ -38,6 +38,10 @@ from homestar.runtime.states import Move
 from homestar.runtime.stream_adam import StreamJob, stream_adamw
 
 _NORM_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s
+AUTO_SHARE_STEPS = 8
+"""Steps over which an automatic CPU/GPU split follows the measured rates; then it stays, so a
+run's later steps (and a run resumed after them, which restores it) split alike: the two
+engines' AdamW kernels may round differently in the last bit."""
 
 
 class ChunkAdamW:
@@ -69,8 +73,10 @@ class ChunkAdamW:
         (state copied in, updated there, copied back) while the CPU updates the rest at the
         same time; 0: every host-homed group on the CPU."""
         self.auto_share = False
-        """Move `stream_share` after each step toward the split that makes both engines finish
-        together (their measured elements per second)."""
+        """Move `stream_share` after each of the first `AUTO_SHARE_STEPS` steps toward the split
+        that makes both engines finish together (their measured elements per second)."""
+        self.share_steps = 0
+        """Steps the automatic split has followed the rates so far."""
         self._device_side: set[int] = set()
         """Groups whose AdamW runs on the device this step (homed there, or streamed)."""
         self._worker: ThreadPoolExecutor | None = None
@@ -286,11 +292,23 @@ class ChunkAdamW:
         """Move the split toward the measured rates: the device's share is its part of both
         engines' combined elements per second (half way there each step, so that one noisy step
         cannot swing it)."""
-        if cpu_s <= 0 or dev_s <= 0:
+        if cpu_s <= 0 or dev_s <= 0 or self.share_steps >= AUTO_SHARE_STEPS:
             return
         cpu_rate, dev_rate = cpu_elems / cpu_s, dev_elems / dev_s
         target = dev_rate / (cpu_rate + dev_rate)
         self.stream_share = min(0.95, max(0.05, 0.5 * (self.stream_share + target)))
+        self.share_steps += 1
+
+    def split_state(self) -> dict:
+        """The automatic split, for checkpoints (empty when the split is fixed)."""
+        if not self.auto_share:
+            return {}
+        return {"stream_share": self.stream_share, "stream_share_steps": self.share_steps}
+
+    def load_split_state(self, state: dict) -> None:
+        if self.auto_share and "stream_share" in state:
+            self.stream_share = float(state["stream_share"])
+            self.share_steps = int(state.get("stream_share_steps", AUTO_SHARE_STEPS))
 
     def _update_on_device(self, group: ChunkGroup, infos: list[ParamInfo], grads: dict[int, torch.Tensor],
                           lr: float, coef: torch.Tensor | None) -> None:
