@@ -8,8 +8,11 @@ Layout of `RUN_DIR/checkpoints/step_NNNNNNN/`:
   manifest.json           size and sha256 of every file above; written last
 A run of N > 1 ranks writes shards instead of the two large files: rank r writes
 `model-RRRRR-of-NNNNN.safetensors` and `optimizer-RRRRR-of-NNNNN.safetensors` holding the
-parameters it owns, rank 0 the rest, and the manifest says `"shards": N`. Loading merges the
-shards by parameter name into the full canonical state, so any number of ranks can resume it.
+parameters it owns, rank 0 the rest, and the manifest says `"shards": N`. Each rank hashes the
+files it wrote, right after writing them; rank 0 gathers the descriptions into the manifest.
+Loading merges the shards by parameter name into the canonical state, so any number of ranks can
+resume it: every rank reads all weights but only the moments of the parameters it keeps, the
+ranks share the hashing out (each file hashed once) and agree on which checkpoint they load.
 A checkpoint is built in a hidden temporary folder, every file fsynced, then renamed into place, so
 a crash mid-save leaves the previous checkpoint as the latest good one. Nothing is unpickled.
 """
@@ -24,7 +27,7 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from homestar.errors import CheckpointError
@@ -90,21 +93,23 @@ def _save_sharded(run_dir: Path, step: int, engine_state: dict, trainer_state: d
         raise CheckpointError(problem)
     tmp = Path(tmp_name)
     weights_files, moment_files = shard_files(ranks.world)
-    optimizer, mine = {}, None
+    optimizer, described, mine = {}, {}, None
     try:
-        optimizer = _write_shard(tmp, engine_state, weights_files[ranks.rank], moment_files[ranks.rank])
+        optimizer, described = _write_shard(tmp, engine_state, weights_files[ranks.rank], moment_files[ranks.rank])
     except (OSError, SafetensorError) as exc:
         mine = _save_failed(step, root, exc)
-    reports = ranks.gather((mine, optimizer.get("param_steps", {})))
-    problems = [p for p, _ in reports if p]
+    # a sync: a few hundred bytes per rank (its problem, step counts and files' sizes and hashes)
+    reports = ranks.gather((mine, optimizer.get("param_steps", {}), described))
+    problems = [p for p, _, _ in reports if p]
     final = root / checkpoint_name(step)
     if ranks.main and not problems:
-        param_steps = {k: v for _, steps in reports for k, v in steps.items()}
+        param_steps = {k: v for _, steps, _ in reports for k, v in steps.items()}
         optimizer.pop("param_steps", None)
         if param_steps:
             optimizer["param_steps"] = param_steps
+        written = {name: meta for _, _, files in reports for name, meta in files.items()}
         try:
-            _write_common(tmp, step, optimizer, trainer_state, shards=ranks.world)
+            _write_common(tmp, step, optimizer, trainer_state, shards=ranks.world, described=written)
             _commit(root, tmp, final, keep)
         except (OSError, SafetensorError) as exc:
             problems.append(_save_failed(step, root, exc))
@@ -116,16 +121,18 @@ def _save_sharded(run_dir: Path, step: int, engine_state: dict, trainer_state: d
     return final
 
 
-def _write_common(tmp: Path, step: int, optimizer: dict, trainer_state: dict, *, shards: int) -> None:
-    """rng, state.json and (last) the manifest, once the weights and moments are written."""
+def _write_common(tmp: Path, step: int, optimizer: dict, trainer_state: dict, *, shards: int,
+                  described: dict[str, dict]) -> None:
+    """rng, state.json and (last) the manifest, once the weights and moments are written;
+    `described`: the size and sha256 of every weight and moment file, from the ranks that wrote them."""
     rng_tensors, rng_json = _rng_state()
     save_file(rng_tensors, tmp / "rng.safetensors")
     faults.reach("checkpoint-file")
     state = {"format": FORMAT, "step": step, "optimizer": optimizer, "rng": rng_json, **trainer_state}
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     faults.reach("checkpoint-file")
-    files = sorted(_expected_files(shards))
-    manifest = {"format": FORMAT, "step": step, "shards": shards, "files": {f: _describe(tmp / f) for f in files}}
+    described = {**described, **{f: _describe(tmp / f) for f in ("rng.safetensors", "state.json")}}
+    manifest = {"format": FORMAT, "step": step, "shards": shards, "files": {f: described[f] for f in sorted(described)}}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     for f in ["rng.safetensors", "state.json", "manifest.json"]:
         _fsync(tmp / f)
@@ -157,12 +164,13 @@ def _check_disk(root: Path, engine_state: dict, factor: int = 1) -> None:
 def _write(tmp: Path, step: int, engine_state: dict, trainer_state: dict) -> None:
     """Every file of a one-process checkpoint into `tmp`, each fsynced, the manifest last."""
     (weights_name,), (moments_name,) = shard_files(1)
-    optimizer = _write_shard(tmp, engine_state, weights_name, moments_name)
-    _write_common(tmp, step, optimizer, trainer_state, shards=1)
+    optimizer, described = _write_shard(tmp, engine_state, weights_name, moments_name)
+    _write_common(tmp, step, optimizer, trainer_state, shards=1, described=described)
 
 
-def _write_shard(tmp: Path, engine_state: dict, weights_name: str, moments_name: str) -> dict:
-    """This process's weights and moments, fsynced; returns the optimizer state left to record."""
+def _write_shard(tmp: Path, engine_state: dict, weights_name: str, moments_name: str) -> tuple[dict, dict]:
+    """This process's weights and moments, fsynced; returns the optimizer state left to record and
+    the two files' manifest entries (hashed here, by the writer, while they are in the page cache)."""
     optimizer = dict(engine_state["optimizer"])
     moments = {f"exp_avg/{n}": t for n, t in optimizer.pop("exp_avg").items()}
     moments.update({f"exp_avg_sq/{n}": t for n, t in optimizer.pop("exp_avg_sq").items()})
@@ -172,25 +180,30 @@ def _write_shard(tmp: Path, engine_state: dict, weights_name: str, moments_name:
     faults.reach("checkpoint-file")
     for name in (weights_name, moments_name):
         _fsync(tmp / name)
-    return optimizer
+    return optimizer, {name: _describe(tmp / name) for name in (weights_name, moments_name)}
 
 
 def _save_failed(step: int, root: Path, exc: BaseException) -> str:
     return f"could not save checkpoint {step} in {root}: {getattr(exc, 'strerror', None) or exc}"
 
 
-def load_latest(run_dir: Path, *, warn=None) -> tuple[dict, dict]:
-    """(engine_state, trainer_state) of the newest valid checkpoint; falls back past damaged ones."""
-    candidates = list_checkpoints(run_dir)
+def load_latest(run_dir: Path, *, warn=None, ranks: Ranks | None = None,
+                wants: set[str] | None = None) -> tuple[dict, dict]:
+    """(engine_state, trainer_state) of the newest valid checkpoint; falls back past damaged ones.
+    Across ranks every rank calls it, and all load the same checkpoint (see `load_checkpoint`
+    for `wants` and what each rank reads); rank 0 alone warns."""
+    ranks = ranks or Ranks()
+    candidates = ranks.broadcast(list_checkpoints(run_dir) if ranks.main else None)  # one list: same tries
     if not candidates:
         raise CheckpointError(f"{run_dir} has no checkpoint to resume from")
     problems = []
     for path in reversed(candidates):
         try:
-            loaded = load_checkpoint(path)
+            loaded = load_checkpoint(path, ranks=ranks, wants=wants)
         except CheckpointError as exc:
             problems.append(str(exc))
-            (warn or _warn)(f"warning: {exc}; trying an older checkpoint")
+            if ranks.main:
+                (warn or _warn)(f"warning: {exc}; trying an older checkpoint")
             continue
         return loaded
     raise CheckpointError(f"no usable checkpoint in {run_dir}: {problems[0]}")
@@ -248,11 +261,67 @@ def _verify(path: Path, files: dict[str, dict]) -> None:
             raise CheckpointError(f"checkpoint file {path / name} is damaged (size or hash mismatch)")
 
 
-def load_checkpoint(path: Path) -> tuple[dict, dict]:
-    """Validate a checkpoint folder against its manifest and load it (no pickle anywhere)."""
+def load_checkpoint(path: Path, *, ranks: Ranks | None = None,
+                    wants: set[str] | None = None) -> tuple[dict, dict]:
+    """Validate a checkpoint folder against its manifest and load it (no pickle anywhere).
+
+    `wants`: the parameters whose Adam moments this process keeps (None: all); other moments stay
+    out of the state, and a moment file that holds none of them is not read at all. Across ranks
+    every rank calls it: every file is hashed once, by one of the ranks that read it (the bytes
+    shared out evenly), nothing is loaded before every file checked out, and a problem any rank
+    meets is raised on all of them, so that they fall back together. Costs three small syncs."""
+    ranks = ranks or Ranks()
+    found, problem = _attempt(lambda: _plan_reads(path, wants))
+    files, plan = found or ({}, {})
+    reads = _agree(ranks, problem, sorted(plan))
+    mine = _hash_share(files, reads)[ranks.rank]
+    _agree(ranks, _attempt(lambda: _verify(path, {n: m for n, m in files.items() if n in mine}))[1])
+    loaded, problem = _attempt(lambda: _read(path, plan))
+    _agree(ranks, problem)
+    return loaded
+
+
+def _plan_reads(path: Path, wants: set[str] | None) -> tuple[dict[str, dict], dict[str, set[str] | None]]:
+    """The manifest's files, and what this process reads of them: {file name: None (all of it)
+    or the names of the tensors it needs}, in reading order. Weights, rng and state are read
+    whole; with `wants`, a moment file's header (a few KB) says which of its moments are wanted."""
     files = _read_manifest(path)
-    _verify(path, files)
-    weight_files, moment_files = shard_files(_shards(files))
+    weights, moments = shard_files(_shards(files))
+    plan: dict[str, set[str] | None] = dict.fromkeys(["state.json", *weights])
+    for name in moments:
+        keys = None if wants is None else _wanted_keys(path / name, wants)
+        if keys is None or keys:
+            plan[name] = keys
+    plan["rng.safetensors"] = None
+    return files, plan
+
+
+def _wanted_keys(file: Path, wants: set[str]) -> set[str] | None:
+    """The tensors of a moment file ("exp_avg/<name>", "exp_avg_sq/<name>") of wanted parameters;
+    None (read it all) when its header is unreadable: its hash, checked first, then names the damage."""
+    try:
+        with safe_open(file, framework="pt") as f:  # the header alone
+            keys = list(f.keys())
+    except (OSError, ValueError, SafetensorError):
+        return None
+    return {k for k in keys if k.split("/", 1)[-1] in wants}
+
+
+def _hash_share(files: dict[str, dict], reads: list[list[str]]) -> list[set[str]]:
+    """The files each rank hashes: every file once, the largest first, by the least loaded of the
+    ranks that read it (of all, if none does). The same answer on every rank."""
+    load = [0] * len(reads)
+    share: list[set[str]] = [set() for _ in reads]
+    for name in sorted(files, key=lambda n: (-files[n]["bytes"], n)):
+        readers = [r for r, names in enumerate(reads) if name in names] or range(len(reads))
+        rank = min(readers, key=lambda r: (load[r], r))
+        share[rank].add(name)
+        load[rank] += files[name]["bytes"]
+    return share
+
+
+def _read(path: Path, plan: dict[str, set[str] | None]) -> tuple[dict, dict]:
+    """(engine_state, trainer_state) from the files `plan` names, already verified."""
     current = path / "state.json"
     try:
         state = json.loads(current.read_text(encoding="utf-8"))
@@ -260,12 +329,12 @@ def load_checkpoint(path: Path) -> tuple[dict, dict]:
             raise ValueError("not a checkpoint state")
         int(state["step"])
         weights, moments = {}, {}
-        for name in weight_files:
+        for name, keys in plan.items():
             current = path / name
-            weights.update(load_file(current))
-        for name in moment_files:
-            current = path / name
-            moments.update(load_file(current))
+            if name.startswith("model"):
+                weights.update(load_file(current))
+            elif name.startswith("optimizer"):
+                moments.update(_tensors(current, keys))
         current = path / "rng.safetensors"
         rng = load_file(current)
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
@@ -275,6 +344,32 @@ def load_checkpoint(path: Path) -> tuple[dict, dict]:
     optimizer["exp_avg_sq"] = {k.split("/", 1)[1]: v for k, v in moments.items() if k.startswith("exp_avg_sq/")}
     state["rng_tensors"] = rng
     return {"weights": weights, "optimizer": optimizer}, state
+
+
+def _tensors(file: Path, keys: set[str] | None) -> dict:
+    """All of a safetensors file, or the named tensors alone (the rest of it is not read)."""
+    if keys is None:
+        return load_file(file)
+    with safe_open(file, framework="pt") as f:
+        return {k: f.get_tensor(k) for k in sorted(keys)}
+
+
+def _attempt(work) -> tuple:
+    """(work(), None), or (None, the message of the CheckpointError it raised)."""
+    try:
+        return work(), None
+    except CheckpointError as exc:
+        return None, str(exc)
+
+
+def _agree(ranks: Ranks, problem: str | None, share=None) -> list:
+    """Every rank's `share`, in rank order, once all have got here; the first rank's problem raised
+    on every rank if any met one. A sync across ranks (small objects); none on one process."""
+    outcomes = ranks.gather((problem, share))
+    problems = [p for p, _ in outcomes if p]
+    if problems:
+        raise CheckpointError(problems[0])
+    return [s for _, s in outcomes]
 
 
 def _read_manifest(path: Path) -> dict[str, dict]:
@@ -289,7 +384,8 @@ def _read_manifest(path: Path) -> dict[str, dict]:
     if not isinstance(shards, int) or isinstance(shards, bool) or not 1 <= shards <= 1 << 16:
         files = None
     if not isinstance(files, dict) or set(files) != _expected_files(shards) or not all(
-            isinstance(m, dict) and set(m) == {"bytes", "sha256"} for m in files.values()):
+            isinstance(m, dict) and set(m) == {"bytes", "sha256"} and isinstance(m["bytes"], int)
+            and isinstance(m["sha256"], str) for m in files.values()):
         raise CheckpointError(f"checkpoint file {manifest_path} is damaged (not a homestar manifest)")
     return files
 

@@ -245,8 +245,14 @@ def resume_run(run_dir: Path, sinks: list, *, steps: int | None = None) -> Sessi
     lock = RunLock(run_dir)  # acquired by rank 0 alone, for all; releasing an unacquired one does nothing
     if ranks.main:
         lock.acquire()
+    engine = None
     try:
-        loaded = load_latest(run_dir) if list_checkpoints(run_dir) else None
+        data = load_run_data(config, run_dir)
+        model = build_model(config)
+        engine = _distributed_engine(config, model, ranks)  # first: it says which moments this rank keeps
+        loaded = None
+        if ranks.broadcast(bool(list_checkpoints(run_dir)) if ranks.main else None):  # one answer for all
+            loaded = load_latest(run_dir, ranks=ranks, wants=_kept_moments(engine, ranks))
         progress = Progress()
         if loaded is not None:
             trainer_state = loaded[1]
@@ -257,9 +263,6 @@ def resume_run(run_dir: Path, sinks: list, *, steps: int | None = None) -> Sessi
             raise ConfigError(f"--steps must be a positive whole number, got {target}")
         if target <= progress.step:
             raise ConfigError(f"{run_dir.name} is already at step {progress.step}; pass --steps N with N above it")
-        data = load_run_data(config, run_dir)
-        model = build_model(config)
-        engine = _distributed_engine(config, model, ranks)
         if loaded is not None:
             try:
                 engine.load_state_dict(loaded[0])
@@ -274,9 +277,19 @@ def resume_run(run_dir: Path, sinks: list, *, steps: int | None = None) -> Sessi
             ev.truncate_events(run_dir / "metrics.jsonl", progress.step)
         ranks.barrier()
     except BaseException:
+        if engine is not None:
+            engine.close()
         lock.release()
         raise
     return _session(config, run_dir, engine, model, data, sinks, lock, progress, resumed=True, ranks=ranks)
+
+
+def _kept_moments(engine, ranks: Ranks) -> set[str] | None:
+    """Names of the parameters whose Adam moments this rank keeps (those of the chunk groups it
+    owns), so that a resume reads no other rank's moments; None (all of them) on one process."""
+    if ranks.world == 1:
+        return None
+    return {info.name for info in engine.table if info.group.has_state}
 
 
 def _load_init_weights(engine, config: RunConfig) -> None:
