@@ -44,7 +44,7 @@ case "${1:-}" in
   large)
     bench 4b_8 180 --preset 4b "${B8[@]}" --steps 2 --warmup 2
     bench 6.7b_8 240 --preset 6.7b "${B8[@]}" --steps 2 --warmup 1
-    bench 2.7b_8_32k 150 --preset 2.7b --gpu-mem-gib 8 --micro-batch 8 --accum 4 --steps 2 --warmup 1 ;;
+    bench 2.7b_8_32k 150 --preset 2.7b --gpu-mem-gib 8 --micro-batch 4 --accum 8 --steps 2 --warmup 1 ;;
   plan8big)  # the presets whose first step ran out of memory before the activation forecast
     say "plan vs measured at 8 GiB, 2.7b 4b 6.7b"
     timeout 560 python bench/plan_vs_measured.py --budgets 8 --presets 2.7b 4b 6.7b --steps 2 2>&1 | tee "$OUT/plan8big.txt" ;;
@@ -55,7 +55,8 @@ case "${1:-}" in
     say "CUDA tests"; timeout 150 python -m pytest -q -p no:cacheprovider tests/test_runtime_cuda.py 2>&1 | tail -4
     bench 1.3b_auto 120 --preset 1.3b "${B8[@]}" --steps 3 --warmup 3
     bench 1.3b_cpu 100 --preset 1.3b "${B8[@]}" --steps 3 --warmup 2 --stream-share 0
-    bench 2.7b_auto 150 --preset 2.7b "${B8[@]}" --steps 3 --warmup 3 ;;
+    bench 2.7b_auto 150 --preset 2.7b "${B8[@]}" --steps 3 --warmup 3
+    bench 1.3b_nockpt 120 --preset 1.3b "${B8[@]}" --steps 3 --warmup 3 --no-checkpointing ;;
   *) echo "usage: bash bench/gpu_session.sh checks|small|large|plan8|plan8big|plan24|stream" >&2; exit 2 ;;
 esac
 say done

@@ -63,6 +63,8 @@ class BenchResult:
     device: str = ""
     precision: str = ""
     gpu_mem_gib: float | None = None
+    checkpointing: bool = False
+    """Block activations recomputed in backward instead of kept."""
     breakdown: dict[str, float] = field(default_factory=dict)
     message: str = ""
 
@@ -122,6 +124,7 @@ def _measure_steps(request: BenchRequest) -> BenchResult:
                          micro_batch=micro_batch, accum=request.accum, seq_len=config.seq_len, device=device,
                          precision=precision, gpu_mem_gib=request.gpu_mem_gib)
     checkpointing = device == "cuda" if request.activation_checkpointing is None else request.activation_checkpointing
+    result.checkpointing = checkpointing
     optim = OptimConfig(lr=preset.train.lr, weight_decay=preset.train.weight_decay, grad_clip=preset.train.grad_clip)
     try:
         if device == "cuda" and request.gpu_mem_gib:

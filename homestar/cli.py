@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--chunk-elems", type=_positive_int, default=None)
     bench.add_argument("--stream-share", type=_share, default=None,
                        help="fraction of host-held AdamW streamed through the GPU (default: the runtime's)")
+    bench.add_argument("--no-checkpointing", action="store_true",
+                       help="keep every block's activations instead of recomputing them (default on GPUs: recompute)")
     bench.add_argument("--baseline", action="store_true", help="also run plain PyTorch and print the ratio")
     bench.add_argument("--json", action="store_true", help="one JSON object per system")
 
@@ -291,7 +293,8 @@ def _bench(args) -> int:
     request = BenchRequest(preset=args.preset, system=args.runtime, device=args.device, gpu_mem_gib=args.gpu_mem_gib,
                            cpu_mem_gib=args.cpu_mem_gib, micro_batch=args.micro_batch, accum=args.accum,
                            seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, precision=args.precision,
-                           chunk_elems=args.chunk_elems, stream_share=args.stream_share)
+                           chunk_elems=args.chunk_elems, stream_share=args.stream_share,
+                           activation_checkpointing=False if args.no_checkpointing else None)
     results = run_bench(request, baseline=args.baseline)
     if args.json:
         for r in results:

@@ -16,11 +16,25 @@ def test_bench_baseline_reports_both_systems_and_where_the_time_went(capsys):
     for r in results.values():
         assert r["status"] == "ok" and r["tok_s"] > 0 and r["step_s"] > 0 and r["cpu_peak_gib"] > 0
         assert r["params"] > 1_000_000 and (r["micro_batch"], r["seq_len"]) == (2, 64)
+        assert r["checkpointing"] is False  # the CPU's default
     phases = results["chunked"]["breakdown"]
     # a 0.02 GiB simulated device streams chunks: both copy directions ran, forward and backward timed
     for key in ("forward", "backward", "forward_backward", "h2d", "d2h", "optimizer"):
         assert phases[key] > 0, key
     assert phases["forward"] + phases["backward"] <= phases["forward_backward"] * 1.05
+
+
+def test_bench_can_recompute_activations_or_keep_them(capsys):
+    """Recompute follows the request (the GPU's default is on); `--no-checkpointing` turns it off."""
+    from homestar.bench import BenchRequest, run_bench
+
+    shape = dict(preset="debug", device="cpu", seq_len=32, micro_batch=1, steps=1, warmup=0)
+    recomputed, = run_bench(BenchRequest(**shape, activation_checkpointing=True), baseline=False)
+    assert recomputed.status == "ok" and recomputed.checkpointing is True
+    assert main(["bench", "--preset", "debug", "--device", "cpu", "--seq-len", "32", "--micro-batch", "1",
+                 "--steps", "1", "--warmup", "0", "--json", "--no-checkpointing"]) == 0
+    kept = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert kept["status"] == "ok" and kept["checkpointing"] is False
 
 
 def test_bench_with_an_unknown_preset_fails_in_one_line(capsys):
