@@ -279,17 +279,21 @@ def test_the_steady_state_rule_is_the_runtimes_own(budget):
     engine.close()
 
 
-def test_speed_matches_the_runtime_measured_on_the_reference_gpu():
-    # 1.3B, micro-batch 8 x 1024, 2 micro-batches, every group resident: 23.5k tokens/s measured.
-    config = GPTConfig(vocab_size=50304, seq_len=1024, d_model=2048, n_layer=24, n_head=32)
-    est = estimate(config, precision="bf16", micro_batch=8)
-    placed = fit(est, gpu_budget=int(60.75 * GIB), host_budget=1 << 40)
-    assert placed.steady_groups == est.data.n_chunks
+@pytest.mark.parametrize("name, d_model, n_layer, n_head, measured", [
+    # the chunk runtime on the H200 box at --gpu-mem-gib 8, micro-batch 2 x 1024, no accumulation
+    # (BENCHMARKS.md, 2026-11-30, third GPU session): every chunk resident; AdamW split CPU/GPU
+    ("355M", 1024, 24, 16, 23_905), ("1.3B", 2048, 24, 32, 4_473), ("2.7B", 2560, 32, 32, 2_128),
+])
+def test_speed_matches_the_runtime_measured_on_the_reference_gpu(name, d_model, n_layer, n_head, measured):
+    config = GPTConfig(vocab_size=50304, seq_len=1024, d_model=d_model, n_layer=n_layer, n_head=n_head)
+    est = estimate(config, precision="bf16", micro_batch=2, gpu_budget=8 * GIB)
+    placed = fit(est, gpu_budget=8 * GIB, host_budget=120 * GIB)
+    assert (placed.steady_groups == est.data.n_chunks) == (name == "355M")
     h200 = GPU_CLASSES[(9, 0)]
-    assert 0.85 * 23_500 < tokens_per_second(placed, config, accum=2, gpu=h200, cores=16) < 1.15 * 23_500
-    # On a consumer card compute bounds it, far below.
-    consumer = tokens_per_second(placed, config, accum=2, gpu=GPU_CLASSES[(8, 6)], cores=8)
-    assert consumer < 0.1 * 23_500
+    assert 0.85 * measured < tokens_per_second(placed, config, accum=1, gpu=h200, cores=16) < 1.15 * measured
+    # On a consumer card (less compute, half the PCIe rate, 8 cores) it is slower
+    consumer = tokens_per_second(placed, config, accum=1, gpu=GPU_CLASSES[(8, 6)], cores=8)
+    assert consumer < 0.8 * measured
 
 
 # ---------------------------------------------------------------- plans for fake machines

@@ -13,10 +13,11 @@ optimizer once per step:
   back for accumulation, cached params are fetched again after each optimizer step; all at the
   pinned rate with both directions busy (48 GB/s each way on the reference box, 55 GB/s one way
   alone).
-- runtime: 15 ms of hooks and bookkeeping per block (measured; it bounds small models on fast
-  cards).
-- optimizer: torch's fused AdamW on the CPU at 4.7 G params/s per 16 cores (scaled by cores) for
-  groups homed on the host, 122 G params/s on the GPU for groups homed there.
+- runtime: hooks and bookkeeping per block (7 ms on a GPU, 3 ms when every chunk lives there, 15
+  ms on the CPU; measured; it bounds small models and micro-batches on fast cards).
+- optimizer: groups homed on the GPU at 122 G params/s; the host-homed ones split between the
+  CPU's fused AdamW (4.7 G params/s per 16 cores alone, about a quarter of that while the GPU
+  streams) and the GPU, through which each parameter's state crosses PCIe (14 bytes each way).
 Checked on the H200 against the chunk runtime at micro-batch 8 x 1024 (2026-11-30): within 5%
 with every group resident, within 15% with half of them; a 1.3B model streamed through an
 8.75 GiB budget ran 1.8x slower than estimated.
@@ -70,10 +71,17 @@ class SpeedFacts:
     room for consumer cards and their drivers."""
     mfu_half_tokens: int = 1024
     """Micro-batch tokens at which the reached share is half of `mfu`."""
-    runtime_block_s: float = 0.015
-    """Host-side time of the chunk runtime per block and micro-batch (hooks, chunk bookkeeping,
-    event waits), overlapped with GPU work: 14.5 ms measured on the H200 box for 24-block 355M
-    and 1.3B models, which made both take 0.7 s per step of 2 x 8 x 1024 tokens."""
+    runtime_block_s: float = 0.007
+    """Host-side time of the chunk runtime per block and micro-batch on a GPU (hooks, chunk
+    bookkeeping, event waits), overlapped with GPU work: the 24-block 1.3B model streamed under
+    8 GiB took 0.17 s for forward and backward at micro-batch 2, compute included (H200,
+    2026-11-30; 14.5 ms a block before the hooks' bookkeeping was cut)."""
+    resident_block_s: float = 0.003
+    """The same floor when every chunk lives on the GPU (no hooks' work; kernel launches bound
+    small micro-batches): the resident 24-block 355M model took 0.073 s for forward and backward
+    at micro-batch 2 (H200, 2026-11-30)."""
+    cpu_runtime_block_s: float = 0.015
+    """The same when the CPU trains (not re-measured since the cut)."""
     fp32_share: float = 0.25
     """fp32 training speed on a GPU relative to its bf16 peak (TF32 tensor cores at best)."""
     cpu_gflops_per_core: float = 40.0
@@ -81,6 +89,12 @@ class SpeedFacts:
     cpu_adam_params_s: float = 4.7e9
     """torch's fused CPU AdamW on `cpu_adam_cores` cores."""
     cpu_adam_cores: int = 16
+    cpu_adam_contended: float = 0.27
+    """Share of `cpu_adam_params_s` the CPU keeps while PCIe copies stream the GPU's share through
+    host memory: 1.14-1.4 G params/s measured on the H200 box (2.7b and 1.3b at 8 GiB)."""
+    stream_bytes: int = 14
+    """Bytes each way per parameter whose AdamW streams through the GPU (fp32 master and moments,
+    a bf16 grad in, a bf16 param out)."""
     gpu_adam_params_s: float = 122e9
     useful_tokens: int = 100_000_000
     useful_seconds: float = 86_400.0
@@ -90,8 +104,9 @@ class SpeedFacts:
     def __post_init__(self) -> None:
         numbers = (self.mfu, self.fp32_share, self.cpu_gflops_per_core, self.cpu_adam_params_s,
                    self.gpu_adam_params_s, self.useful_seconds)
-        if min(numbers) <= 0 or self.mfu > 1 or min(self.mfu_half_tokens, self.runtime_block_s) < 0 \
-                or self.cpu_adam_cores < 1:
+        if min(numbers) <= 0 or self.mfu > 1 or min(self.mfu_half_tokens, self.runtime_block_s,
+                                                         self.resident_block_s, self.cpu_runtime_block_s) < 0 \
+                or self.cpu_adam_cores < 1 or not 0 < self.cpu_adam_contended <= 1 or self.stream_bytes < 1:
             raise ValueError("speed facts must be positive (mfu at most 1)")
         if self.useful_tokens < 1:
             raise ValueError("useful_tokens must be >= 1")
@@ -119,14 +134,19 @@ def tokens_per_second(fit: Fit, config: GPTConfig, *, accum: int, gpu: GpuClass,
     data = est.data
     cpu_adam = facts.cpu_adam_params_s * cores / facts.cpu_adam_cores
     if est.device == "cpu":
-        micro = max(flops / (cores * facts.cpu_gflops_per_core * 1e9 * efficiency), config.n_layer * facts.runtime_block_s)
+        micro = max(flops / (cores * facts.cpu_gflops_per_core * 1e9 * efficiency),
+                    config.n_layer * facts.cpu_runtime_block_s)
         return tokens * accum / (accum * micro + data.layout.total_elems / cpu_adam)
     peak = gpu.matmul_tflops * 1e12 * (facts.fp32_share if data.precision == "fp32" else 1.0)
     streamed, on_cpu = fit.streamed, fit.streamed_elems
     uncached = streamed.param - fit.cached_param_bytes
     traffic = 2 * uncached + (2 - 1 / accum) * streamed.grad
-    overhead = config.n_layer * facts.runtime_block_s
+    resident = fit.steady_groups == data.n_chunks
+    overhead = config.n_layer * (facts.resident_block_s if resident else facts.runtime_block_s)
     micro = max(flops / (peak * efficiency), traffic / (gpu.pcie_gbs * 1e9), overhead)
-    optimizer = on_cpu / cpu_adam + (data.layout.total_elems - on_cpu) / facts.gpu_adam_params_s
+    # host-homed groups: split between the contended CPU and the GPU's PCIe stream (the runtime
+    # balances the two by their measured rates)
+    host_rate = cpu_adam * facts.cpu_adam_contended + gpu.pcie_gbs * 1e9 / facts.stream_bytes
+    optimizer = on_cpu / host_rate + (data.layout.total_elems - on_cpu) / facts.gpu_adam_params_s
     refetch = fit.cached_param_bytes / (gpu.pcie_gbs * 1e9)  # cached params are stale after a CPU step
     return tokens * accum / (accum * micro + optimizer + refetch)
