@@ -89,24 +89,24 @@ def test_streamed_adamw_equals_the_host_update(monkeypatch, clip):
 
 def test_the_automatic_split_settles_and_travels_with_the_state():
     """The CPU/GPU split follows measured rates for AUTO_SHARE_STEPS steps, then stays; its state
-    goes into the canonical optimizer extras and comes back on load."""
-    from homestar.runtime.optimizer import AUTO_SHARE_STEPS, ChunkAdamW
+    goes into the canonical optimizer extras and comes back on load; a fixed split is the
+    configuration's."""
+    from homestar.runtime.adam_split import AUTO_SHARE_STEPS, AdamSplit
 
-    adamw = ChunkAdamW.__new__(ChunkAdamW)  # the split's logic alone: no chunks needed
-    adamw.auto_share, adamw.stream_share, adamw.share_steps = True, 0.5, 0
+    split = AdamSplit.configured(None, on_gpu=True)
+    assert (split.share, split.auto) == (0.5, True) and not AdamSplit.configured(None, on_gpu=False).active
     for _ in range(AUTO_SHARE_STEPS + 3):  # the device twice as fast per element
-        adamw._follow_rates(cpu_elems=100, cpu_s=1.0, dev_elems=200, dev_s=1.0)
-    settled = adamw.stream_share
-    assert adamw.share_steps == AUTO_SHARE_STEPS and abs(settled - 2 / 3) < 0.01
-    adamw._follow_rates(cpu_elems=100, cpu_s=1.0, dev_elems=1, dev_s=1.0)
-    assert adamw.stream_share == settled  # settled: no longer moves
-    state = adamw.split_state()
-    other = ChunkAdamW.__new__(ChunkAdamW)
-    other.auto_share, other.stream_share, other.share_steps = True, 0.5, 0
-    other.load_split_state(state)
-    assert (other.stream_share, other.share_steps) == (settled, AUTO_SHARE_STEPS)
-    fixed = ChunkAdamW.__new__(ChunkAdamW)
-    fixed.auto_share, fixed.stream_share, fixed.share_steps = False, 0.3, 0
-    assert fixed.split_state() == {}
-    fixed.load_split_state(state)
-    assert fixed.stream_share == 0.3  # a fixed split is the configuration's, not the checkpoint's
+        split.follow(cpu_elems=100, cpu_s=1.0, dev_elems=200, dev_s=1.0)
+    settled = split.share
+    assert split.steps == AUTO_SHARE_STEPS and abs(settled - 2 / 3) < 0.01
+    split.follow(cpu_elems=100, cpu_s=1.0, dev_elems=1, dev_s=1.0)
+    assert split.share == settled  # settled: no longer moves
+    resumed = AdamSplit.configured(None, on_gpu=True)
+    resumed.load_state_dict(split.state_dict())
+    assert (resumed.share, resumed.steps) == (settled, AUTO_SHARE_STEPS)
+    fixed = AdamSplit.configured(0.3, on_gpu=True)
+    assert fixed.state_dict() == {}
+    fixed.load_state_dict(split.state_dict())
+    assert fixed.share == 0.3
+    # which groups stream: the first ones up to the share, a group counting when half of it fits
+    assert [AdamSplit(share=s).streamed([10, 10, 10, 10]) for s in (0.0, 0.1, 0.2, 0.5, 1.0)] == [0, 0, 1, 2, 4]

@@ -24,6 +24,7 @@ from homestar.errors import ConfigError
 from homestar.optim import OptimConfig, no_decay as default_no_decay
 from homestar.runtime.binding import ParamInfo, ParamTable
 from homestar.runtime.chunk import Chunk, ChunkGroup, Kind
+from homestar.runtime.adam_split import AdamSplit
 from homestar.runtime.collectives import Collective
 from homestar.runtime.config import RuntimeConfig
 from homestar.runtime.engine import ChunkedEngine, LossFn, default_loss
@@ -87,9 +88,7 @@ def attach(
     _move_buffers(model, device.device)
     adamw = ChunkAdamW(table, groups, placement, optim)
     adamw.collective = comm
-    share = config.optimizer_stream_share
-    adamw.auto_share = share is None and device.device.type == "cuda"
-    adamw.stream_share = (0.5 if adamw.auto_share else 0.0) if share is None else share
+    adamw.split = AdamSplit.configured(config.optimizer_stream_share, on_gpu=device.device.type == "cuda")
     return ChunkedEngine(
         model=model, config=config, table=table, groups=groups, group_bytes=group_bytes,
         placement=placement, host=host, tracer=placement.tracer, adamw=adamw,

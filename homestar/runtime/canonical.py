@@ -57,7 +57,7 @@ def export_state(table: ParamTable, adamw: ChunkAdamW, placement: Placement, sca
         optimizer["param_steps"] = steps
     if scaler is not None:
         optimizer.update(scaler.state_dict())
-    optimizer.update(adamw.split_state())
+    optimizer.update(adamw.split.state_dict())
     return {"weights": weights, "optimizer": optimizer}
 
 
@@ -84,7 +84,7 @@ def import_state(state: dict, table: ParamTable, adamw: ChunkAdamW, placement: P
     adamw.step_count = step
     if scaler is not None:
         scaler.load_state_dict(optimizer)
-    adamw.load_split_state(optimizer)
+    adamw.split.load_state_dict(optimizer)
 
 
 def _write(placement: Placement, chunk: Chunk, info, value: torch.Tensor | None) -> None:

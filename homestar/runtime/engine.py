@@ -269,7 +269,7 @@ class ChunkedEngine:
 
     def _stream_step_set(self) -> int:
         """Device bytes streamed AdamW holds at once (its staging sets); 0 when nothing streams."""
-        if self.adamw.stream_share <= 0 and not self.adamw.auto_share:
+        if not self.adamw.split.active:
             return 0
         biggest = max(g.grad for g in self._group_bytes) // self.config.grad_dtype.itemsize
         return staging_bytes(slice_for(biggest), self.config.grad_dtype, self.config.compute_dtype)

@@ -8,9 +8,9 @@ skipped, each parameter has its own step count, no-decay parameters get weight_d
 norm clipping computes the norm of per-parameter norms, fp16 overflow skips the step.
 Per-parameter grad norms are taken on the device as backward writes each grad chunk back, so the
 step does not read host grads for the norm; bf16 grads are widened to fp32 as AdamW reads them
-(`adam_math`). With a `stream_share`, the first host-homed groups' AdamW runs on the device,
-their state streamed through it slice by slice (`stream_adam`), while a worker thread updates
-the CPU's groups; with `auto_share` the split follows both engines' measured rates.
+(`adam_math`). The first host-homed groups' AdamW may run on the device, their state streamed
+through it slice by slice (`stream_adam`), while a worker thread updates the CPU's groups; which
+ones is `split`'s decision (`adam_split`).
 Across ranks (a `Collective` of world > 1, group-owner ZeRO): each group's fp32 grads are summed
 onto its owner (on the device, as the step's last backward completes each grad chunk:
 `reduce_in_backward`; in the step for any chunk that was not), the squared norm of the owners' grads is summed over ranks, each owner updates
@@ -28,6 +28,7 @@ from collections import defaultdict
 import torch
 
 from homestar.optim import OptimConfig, StepReport
+from homestar.runtime.adam_split import AdamSplit
 from homestar.runtime.adam_math import SLICE_ELEMS, Span, fused_adamw, param_norms, sliced_adamw
 from homestar.runtime.binding import ParamInfo, ParamTable
 from homestar.runtime.chunk import Chunk, ChunkGroup, Kind
@@ -38,10 +39,6 @@ from homestar.runtime.states import Move
 from homestar.runtime.stream_adam import StreamJob, stream_adamw
 
 _NORM_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s
-AUTO_SHARE_STEPS = 8
-"""Steps over which an automatic CPU/GPU split follows the measured rates; then it stays, so a
-run's later steps (and a run resumed after them, which restores it) split alike: the two
-engines' AdamW kernels may round differently in the last bit."""
 
 
 class ChunkAdamW:
@@ -68,15 +65,9 @@ class ChunkAdamW:
         placement.on_write_back = self._note_grad_norms
         self._host_scratch: torch.Tensor | None = None
         """fp32 buffer of one slice on the host, reused by every CPU group's widened grads."""
-        self.stream_share = 0.0
-        """Fraction of the host-homed groups' elements whose AdamW streams through the device
-        (state copied in, updated there, copied back) while the CPU updates the rest at the
-        same time; 0: every host-homed group on the CPU."""
-        self.auto_share = False
-        """Move `stream_share` after each of the first `AUTO_SHARE_STEPS` steps toward the split
-        that makes both engines finish together (their measured elements per second)."""
-        self.share_steps = 0
-        """Steps the automatic split has followed the rates so far."""
+        self.split = AdamSplit()
+        """How much of the host-homed groups' AdamW streams through the device (the CPU updates
+        the rest at the same time)."""
         self._device_side: set[int] = set()
         """Groups whose AdamW runs on the device this step (homed there, or streamed)."""
         self._worker: ThreadPoolExecutor | None = None
@@ -210,16 +201,10 @@ class ChunkAdamW:
         """Groups homed on the device, plus the first host-homed groups this rank updates (the
         next forward needs them first, and backward drained their grads last) up to
         `stream_share` of the host-homed elements."""
-        self._streamed = set()
         hosted = [g for g in self.groups
                   if not g.optimizer_on_device and g.has_state and self.collective.owns(g.index)]
-        goal = self.stream_share * sum(g.grad.numel for g in hosted)
-        taken = 0
-        for group in hosted:
-            if taken + group.grad.numel / 2 > goal:
-                break
-            self._streamed.add(group.index)
-            taken += group.grad.numel
+        count = self.split.streamed([g.grad.numel for g in hosted])
+        self._streamed = {g.index for g in hosted[:count]}
         self._device_side = {g.index for g in self.groups if g.optimizer_on_device} | self._streamed
 
     def streamed_groups(self) -> list[int]:
@@ -271,9 +256,9 @@ class ChunkAdamW:
             self._let_go_state(group, infos)
         for group, infos in streamed:
             self._let_go_state(group, infos)
-        if self.auto_share and held and jobs:
-            self._follow_rates(sum(g.grad.numel for g, _ in cpu), times["opt_cpu_adam"],
-                               sum(g.grad.numel for g, _ in streamed), times["opt_streamed_adam"])
+        if held and jobs:
+            self.split.follow(sum(g.grad.numel for g, _ in cpu), times["opt_cpu_adam"],
+                              sum(g.grad.numel for g, _ in streamed), times["opt_streamed_adam"])
         return times
 
     def _stream_job(self, group: ChunkGroup, infos: list[ParamInfo]) -> StreamJob:
@@ -287,28 +272,6 @@ class ChunkAdamW:
                  for i in infos]
         return StreamJob(spans=spans, grad=group.grad.host, master=master, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
                          param=param[0] if param else None)
-
-    def _follow_rates(self, cpu_elems: int, cpu_s: float, dev_elems: int, dev_s: float) -> None:
-        """Move the split toward the measured rates: the device's share is its part of both
-        engines' combined elements per second (half way there each step, so that one noisy step
-        cannot swing it)."""
-        if cpu_s <= 0 or dev_s <= 0 or self.share_steps >= AUTO_SHARE_STEPS:
-            return
-        cpu_rate, dev_rate = cpu_elems / cpu_s, dev_elems / dev_s
-        target = dev_rate / (cpu_rate + dev_rate)
-        self.stream_share = min(0.95, max(0.05, 0.5 * (self.stream_share + target)))
-        self.share_steps += 1
-
-    def split_state(self) -> dict:
-        """The automatic split, for checkpoints (empty when the split is fixed)."""
-        if not self.auto_share:
-            return {}
-        return {"stream_share": self.stream_share, "stream_share_steps": self.share_steps}
-
-    def load_split_state(self, state: dict) -> None:
-        if self.auto_share and "stream_share" in state:
-            self.stream_share = float(state["stream_share"])
-            self.share_steps = int(state.get("stream_share_steps", AUTO_SHARE_STEPS))
 
     def _update_on_device(self, group: ChunkGroup, infos: list[ParamInfo], grads: dict[int, torch.Tensor],
                           lr: float, coef: torch.Tensor | None) -> None:
