@@ -143,6 +143,34 @@ def test_meta_then_to_empty_and_init_weights():
     assert abs(loss.item() - math.log(512)) < 0.1
 
 
+def test_init_is_one_draw_per_seed_whatever_the_threads(monkeypatch):
+    """Each slice of each weight has its own generator seeded from one draw of the global one:
+    the same seed gives the same weights on 1 or 2 threads, slices differ from each other, and
+    torch.nn's own init (which would draw every weight a second time) runs on meta weights only."""
+    monkeypatch.setattr(gpt_module, "INIT_SLICE_ELEMS", 1000)  # weights of several slices
+    config = GPTConfig(vocab_size=512, seq_len=64, d_model=64, n_layer=2, n_head=2)
+    real_reset = torch.nn.Linear.reset_parameters
+
+    def reset(self):  # runs at construction: on meta weights it draws nothing
+        assert self.weight.is_meta, "torch.nn's init drew real weights"
+        real_reset(self)
+
+    monkeypatch.setattr(torch.nn.Linear, "reset_parameters", reset)
+    built = []
+    for threads in (1, 2):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        torch.manual_seed(3)
+        built.append(GPT(config))
+        torch.set_num_threads(previous)
+    for a, b in zip(built[0].parameters(), built[1].parameters()):
+        assert torch.equal(a, b)
+    wte = built[0].wte.weight.view(-1)
+    assert not torch.equal(wte[:1000], wte[1000:2000])  # slices draw different numbers
+    torch.manual_seed(4)
+    assert not torch.equal(GPT(config).wte.weight, built[0].wte.weight)
+
+
 def _count_pre_hooks(model: GPT) -> dict[str, int]:
     counts: dict[str, int] = {}
 

@@ -94,7 +94,9 @@ def test_loss_falls_and_sample_prints(tmp_path, homestar_home, corpus_dir, capsy
     run = tmp_path / "run"
     _train(corpus_dir, run, 30, "--save-every", "30", "--lr", "3e-3", "--sample-every", "15")
     losses = step_losses(run)
-    assert losses[30] < 0.8 * losses[1]
+    # the loss level at the end, over the last five steps: one step's loss swings by +-10% with its
+    # batch at this size (e.g. 5.94 then 6.60 then 6.76 at steps 28-30), the level does not
+    assert sum(losses[s] for s in range(26, 31)) / 5 < 0.8 * losses[1]
     samples = [e for e in read_events(run / "metrics.jsonl") if e["event"] == "sample"]
     assert [s["step"] for s in samples] == [15, 30] and all(s["text"] for s in samples)
     capsys.readouterr()

@@ -12,6 +12,7 @@ wraps forward in `torch.autocast` when it wants bf16/fp16 compute; the loss is a
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,9 @@ LN_EPS = 1e-5
 _INIT_STD = 0.02
 CE_SLICE_ELEMS = 1 << 25
 """Logit elements upcast to fp32 at once by the loss: 32 M elements, a 128 MiB transient."""
+INIT_SLICE_ELEMS = 1 << 24
+"""Elements drawn by one generator at init: every 16 M-element piece of a weight has its own
+seed, so the pieces are drawn on all cores at once and the draw does not depend on their number."""
 
 
 class LayerNorm(nn.LayerNorm):
@@ -94,13 +98,17 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.checkpoint_activations = checkpoint_activations
-        self.wte = nn.Embedding(config.vocab_size, config.d_model)
-        self.wpe = nn.Embedding(config.seq_len, config.d_model)
-        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = LayerNorm(config.d_model, eps=LN_EPS)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        target = torch.get_default_device()
+        with torch.device("meta"):  # shapes first: torch.nn's own init would draw every weight once more
+            self.wte = nn.Embedding(config.vocab_size, config.d_model)
+            self.wpe = nn.Embedding(config.seq_len, config.d_model)
+            self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+            self.ln_f = LayerNorm(config.d_model, eps=LN_EPS)
+            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self._tie()
-        self.init_weights()
+        if target.type != "meta":  # built under `with torch.device("meta")`: shapes were all it wanted
+            self.to_empty(device=target)
+            self.init_weights()
 
     def _tie(self) -> None:
         if self.config.tie_embeddings:
@@ -116,21 +124,40 @@ class GPT(nn.Module):
     @torch.no_grad()
     def init_weights(self, *, generator: torch.Generator | None = None) -> None:
         """GPT-2 init: N(0, 0.02) weights and embeddings, residual projections N(0, 0.02/sqrt(2L)),
-        zero biases, LayerNorm weight 1 and bias 0. Works after `to_empty()`; a no-op on meta."""
+        zero biases, LayerNorm weight 1 and bias 0. Works after `to_empty()`; a no-op on meta.
+
+        One number drawn from `generator` (default: torch's global one) seeds everything: each
+        slice of `INIT_SLICE_ELEMS` elements of each weight gets its own generator from it, and
+        the slices are drawn by a pool of threads (the CPU's normal_ is serial per generator;
+        the GIL is released while it runs). Same seed, same weights, on any number of cores."""
+        if self.wte.weight.is_meta:
+            return
+        base = int(torch.randint(0, 1 << 62, (1,), generator=generator))
         proj_std = _INIT_STD / math.sqrt(2 * self.config.n_layer)
+        draws: list[tuple[torch.Tensor, float]] = []
         for name, module in self.named_modules():
             if module is self.lm_head and self.config.tie_embeddings:
                 continue  # its weight is wte.weight, initialised as an embedding
             if isinstance(module, nn.Linear):
-                std = proj_std if name.endswith("c_proj") else _INIT_STD
-                module.weight.normal_(0.0, std, generator=generator)
+                draws.append((module.weight, proj_std if name.endswith("c_proj") else _INIT_STD))
                 if module.bias is not None:
                     module.bias.zero_()
             elif isinstance(module, nn.Embedding):
-                module.weight.normal_(0.0, _INIT_STD, generator=generator)
+                draws.append((module.weight, _INIT_STD))
             elif isinstance(module, nn.LayerNorm):
                 module.weight.fill_(1.0)
                 module.bias.zero_()
+        pieces = [(flat[start:start + INIT_SLICE_ELEMS], std)
+                  for weight, std in draws for flat in (weight.view(-1),)
+                  for start in range(0, flat.numel(), INIT_SLICE_ELEMS)]
+
+        def draw(seed: int, piece: torch.Tensor, std: float) -> None:
+            with torch.no_grad():  # grad mode is per thread
+                piece.normal_(0.0, std, generator=torch.Generator().manual_seed(base + seed))
+
+        workers = max(1, min(len(pieces), torch.get_num_threads()))
+        with ThreadPoolExecutor(workers, thread_name_prefix="homestar-init") as pool:
+            list(pool.map(draw, range(len(pieces)), *zip(*pieces)))  # re-raises a worker's error
 
     def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
         """Final-LayerNorm output [B, T, d_model] for token ids [B, T] (T <= seq_len)."""
