@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import homestar.train.checkpoint as ckpt
+from homestar.train.checkpoint import layout, load
 from homestar.train.distributed import Ranks
 from train_helpers import make_corpus, step_losses
 
@@ -42,15 +43,15 @@ def _shard(state: dict, names: list[str]) -> dict:
                           "exp_avg_sq": {n: opt["exp_avg_sq"][n] for n in names}}}
 
 
-def _spy(name: str, calls: list) -> None:
-    """Record the file name each call of checkpoint.`name` is given (this process alone)."""
-    real = getattr(ckpt, name)
+def _spy(module, name: str, calls: list) -> None:
+    """Record the file name each call of `module`.`name` is given (this process alone)."""
+    real = getattr(module, name)
 
     def spy(file, *args):
         calls.append(Path(file).name)
         return real(file, *args)
 
-    setattr(ckpt, name, spy)
+    setattr(module, name, spy)
 
 
 def _rank(rank: int, init: str, tmp: Path, out: dict) -> None:
@@ -59,8 +60,8 @@ def _rank(rank: int, init: str, tmp: Path, out: dict) -> None:
     try:
         ranks, mine = Ranks(rank=rank, world=WORLD), set(NAMES[rank::WORLD])
         hashed, read = [], []
-        _spy("_describe", hashed)
-        _spy("_tensors", read)
+        _spy(layout, "describe", hashed)
+        _spy(load, "_tensors", read)
         for step in (1, 2):
             ckpt.save_checkpoint(tmp / "two", step, _shard(_full(step), sorted(mine)), {"data": {}, "tokens": step},
                                  ranks=ranks)

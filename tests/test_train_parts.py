@@ -101,7 +101,7 @@ def test_interrupted_save_is_invisible(tmp_path):
 def test_full_disk_fails_the_save_cleanly(tmp_path, monkeypatch):
     import errno
 
-    import homestar.train.checkpoint as ckpt
+    import homestar.train.checkpoint.save as ckpt
 
     save_checkpoint(tmp_path, 10, _state(10), {"data": {}, "tokens": 0})
     real_save = ckpt.save_file
