@@ -131,8 +131,12 @@ def _measure_steps(request: BenchRequest) -> BenchResult:
             total = torch.cuda.get_device_properties(0).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, request.gpu_mem_gib * GIB / total))
         torch.manual_seed(0)
-        engine = _engine(request, GPT(config, checkpoint_activations=checkpointing), optim, device, precision,
-                         micro_batch)
+        if request.system == "torch":
+            model = GPT(config, checkpoint_activations=checkpointing)
+        else:  # shapes only: the runtime makes each parameter as it packs it (as `homestar train` does)
+            with torch.device("meta"):
+                model = GPT(config, checkpoint_activations=checkpointing)
+        engine = _engine(request, model, optim, device, precision, micro_batch)
         gen = torch.Generator().manual_seed(0)
         batch = torch.randint(config.vocab_size, (micro_batch, config.seq_len + 1), generator=gen)
         x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
@@ -194,11 +198,13 @@ def _engine(request: BenchRequest, model, optim, device: str, precision: str, mi
     if device == "cuda":  # reserved until the first trace measures it (see train.build)
         forecast = nonmodel_forecast(model.config, precision=precision, micro_batch=micro_batch,
                                      checkpointing=model.checkpoint_activations)
-    return attach(model, RuntimeConfig(
+    config = RuntimeConfig(
         device=device, precision=precision, chunk_elems=request.chunk_elems, nonmodel_estimate_bytes=forecast,
         gpu_budget_bytes=int(request.gpu_mem_gib * GIB) if request.gpu_mem_gib else None,
         cpu_budget_bytes=int(request.cpu_mem_gib * GIB) if request.cpu_mem_gib else None,
-        optimizer_stream_share=request.stream_share), optim)
+        optimizer_stream_share=request.stream_share)
+    init_fn = model.initializer() if model.wte.weight.is_meta else None  # the draw right after the seed
+    return attach(model, config, optim, init_fn=init_fn)
 
 
 def format_results(results: list[BenchResult]) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -132,32 +133,22 @@ class GPT(nn.Module):
         the GIL is released while it runs). Same seed, same weights, on any number of cores."""
         if self.wte.weight.is_meta:
             return
-        base = int(torch.randint(0, 1 << 62, (1,), generator=generator))
-        proj_std = _INIT_STD / math.sqrt(2 * self.config.n_layer)
-        draws: list[tuple[torch.Tensor, float]] = []
-        for name, module in self.named_modules():
-            if module is self.lm_head and self.config.tie_embeddings:
-                continue  # its weight is wte.weight, initialised as an embedding
-            if isinstance(module, nn.Linear):
-                draws.append((module.weight, proj_std if name.endswith("c_proj") else _INIT_STD))
-                if module.bias is not None:
-                    module.bias.zero_()
-            elif isinstance(module, nn.Embedding):
-                draws.append((module.weight, _INIT_STD))
-            elif isinstance(module, nn.LayerNorm):
-                module.weight.fill_(1.0)
-                module.bias.zero_()
-        pieces = [(flat[start:start + INIT_SLICE_ELEMS], std)
-                  for weight, std in draws for flat in (weight.view(-1),)
-                  for start in range(0, flat.numel(), INIT_SLICE_ELEMS)]
+        plan = _InitPlan(self, generator)
+        pieces = [piece for name, param in self.named_parameters() for piece in plan.fill(name, param)]
+        _draw(pieces)
 
-        def draw(seed: int, piece: torch.Tensor, std: float) -> None:
-            with torch.no_grad():  # grad mode is per thread
-                piece.normal_(0.0, std, generator=torch.Generator().manual_seed(base + seed))
+    def initializer(self, *, generator: torch.Generator | None = None) -> Callable[[str, torch.Tensor], None]:
+        """`init(name, tensor)`: fills one parameter's tensor (fp32, its shape) with exactly what
+        `init_weights` would put there with the same generator state (its one number is drawn
+        now). For a model built on the meta device whose parameters are made one at a time
+        elsewhere (the chunk runtime packs them): the whole fp32 model never exists at once."""
+        plan = _InitPlan(self, generator)
 
-        workers = max(1, min(len(pieces), torch.get_num_threads()))
-        with ThreadPoolExecutor(workers, thread_name_prefix="homestar-init") as pool:
-            list(pool.map(draw, range(len(pieces)), *zip(*pieces)))  # re-raises a worker's error
+        @torch.no_grad()
+        def init(name: str, tensor: torch.Tensor) -> None:
+            _draw(plan.fill(name, tensor))
+
+        return init
 
     def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
         """Final-LayerNorm output [B, T, d_model] for token ids [B, T] (T <= seq_len)."""
@@ -278,3 +269,57 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 def _row_slices(n: int, vocab: int) -> list[slice]:
     step = max(1, CE_SLICE_ELEMS // vocab)
     return [slice(start, min(start + step, n)) for start in range(0, n, step)]
+
+
+class _InitPlan:
+    """Which init each parameter gets, and the seeds of its slices (from one drawn number)."""
+
+    def __init__(self, model: GPT, generator: torch.Generator | None) -> None:
+        self.base = int(torch.randint(0, 1 << 62, (1,), generator=generator))
+        proj_std = _INIT_STD / math.sqrt(2 * model.config.n_layer)
+        self.rules: dict[str, tuple[str, float]] = {}
+        for name, module in model.named_modules():
+            if module is model.lm_head and model.config.tie_embeddings:
+                continue  # its weight is wte.weight, initialised as an embedding
+            at = f"{name}." if name else ""
+            if isinstance(module, nn.Linear):
+                self.rules[at + "weight"] = ("normal", proj_std if name.endswith("c_proj") else _INIT_STD)
+                if module.bias is not None:
+                    self.rules[at + "bias"] = ("fill", 0.0)
+            elif isinstance(module, nn.Embedding):
+                self.rules[at + "weight"] = ("normal", _INIT_STD)
+            elif isinstance(module, nn.LayerNorm):
+                self.rules[at + "weight"], self.rules[at + "bias"] = ("fill", 1.0), ("fill", 0.0)
+        self.first_seed: dict[str, int] = {}
+        seeds = 0
+        for name, (kind, _) in self.rules.items():  # module order: the same on every build
+            if kind == "normal":
+                self.first_seed[name] = seeds
+                seeds += -(-model.get_parameter(name).numel() // INIT_SLICE_ELEMS)
+
+    def fill(self, name: str, tensor: torch.Tensor) -> list[tuple[int, torch.Tensor, float]]:
+        """Fill `tensor` now if its init is a constant; else its slices to draw, with seeds."""
+        if name not in self.rules:
+            raise KeyError(f"no init rule for parameter {name!r}")
+        kind, value = self.rules[name]
+        if kind == "fill":
+            tensor.fill_(value)
+            return []
+        flat, first = tensor.view(-1), self.base + self.first_seed[name]
+        return [(first + j, flat[start:start + INIT_SLICE_ELEMS], value)
+                for j, start in enumerate(range(0, flat.numel(), INIT_SLICE_ELEMS))]
+
+
+def _draw(pieces: list[tuple[int, torch.Tensor, float]]) -> None:
+    """Draw each (seed, slice, std) from N(0, std), on a pool of threads when there are several."""
+
+    def one(seed: int, piece: torch.Tensor, std: float) -> None:
+        with torch.no_grad():  # grad mode is per thread
+            piece.normal_(0.0, std, generator=torch.Generator().manual_seed(seed))
+
+    if len(pieces) <= 1:
+        for piece in pieces:
+            one(*piece)
+        return
+    with ThreadPoolExecutor(min(len(pieces), torch.get_num_threads()), thread_name_prefix="homestar-init") as pool:
+        list(pool.map(one, *zip(*pieces)))  # re-raises a worker's error

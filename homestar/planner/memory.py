@@ -149,7 +149,9 @@ class Estimate:
     context: int
     host_base: int
     model_bytes: int
-    """The fp32 model the trainer builds on the host before `attach` takes it over."""
+    """fp32 model bytes on the host beside the chunks while `attach` packs: the trainer builds
+    the model on the meta device and each parameter is made (fp32) as it is packed, so one
+    parameter at a time, the largest."""
 
     def chunks_in_use(self, streamed: list[bool] | None = None) -> int:
         """Device bytes of the streamed groups' chunks in use at once (default: every group
@@ -177,15 +179,9 @@ class Estimate:
         return 4 * SLICE_ELEMS
 
     def attach_peak(self, on_device: list[bool]) -> int:
-        """Host bytes of model data while `attach` packs the fp32 model: group by group its
-        chunks are allocated (host-homed ones on the host) and then its fp32 parameters freed."""
-        unpacked = peak = self.model_bytes
-        held = 0
-        for group, device, used in zip(self.data.groups, on_device, self.data.param_elems):
-            held += 0 if device else group.total
-            peak = max(peak, held + unpacked)
-            unpacked -= _FP32_MODEL_BYTES * used
-        return peak
+        """Host bytes of model data while `attach` packs: group by group its chunks are
+        allocated (host-homed ones on the host), each parameter made in fp32 as it is packed."""
+        return sum(g.total for g, device in zip(self.data.groups, on_device) if not device) + self.model_bytes
 
 
 def estimate(
@@ -224,7 +220,7 @@ def estimate(
         params_in_use=min(data.n_chunks, 2 + prefetch), grads_in_use=min(data.n_chunks, 2),
         context=overheads.cuda_context_bytes if on_gpu else 0,
         host_base=overheads.host_base_cuda_bytes if on_gpu else overheads.host_base_cpu_bytes,
-        model_bytes=_FP32_MODEL_BYTES * config.num_params(),
+        model_bytes=_FP32_MODEL_BYTES * max(numel for _, numel in named_sizes(config)),
     )
 
 

@@ -42,12 +42,17 @@ def optim_config(config: RunConfig) -> OptimConfig:
 
 
 def build_model(config: RunConfig):
-    """The GPT of this run, initialised deterministically from the run's seed (on the CPU)."""
+    """The GPT of this run. For plain PyTorch: initialised from the run's seed, on the CPU. For the
+    chunk runtime: on the meta device (shapes only); `build_engine` makes each parameter, with the
+    same values, as the runtime packs it, so the whole fp32 model never sits in host memory."""
     from homestar.model import GPT, GPTConfig
 
     torch.manual_seed(config.seed)
-    model = GPT(GPTConfig(**config.model), checkpoint_activations=config.activation_checkpointing)
-    return model
+    shape = GPTConfig(**config.model)
+    if config.runtime == "torch":
+        return GPT(shape, checkpoint_activations=config.activation_checkpointing)
+    with torch.device("meta"):
+        return GPT(shape, checkpoint_activations=config.activation_checkpointing)
 
 
 def cap_gpu_memory(config: RunConfig) -> None:
@@ -97,7 +102,11 @@ def build_engine(config: RunConfig, model, collective=None):
         precision=config.precision,
         nonmodel_estimate_bytes=_nonmodel_forecast(config, model),
     )
-    return attach(model, runtime, optim, collective=collective)
+    init_fn = None
+    if model.wte.weight.is_meta:  # built by `build_model`: the same draw as an eager build's
+        torch.manual_seed(config.seed)
+        init_fn = model.initializer()
+    return attach(model, runtime, optim, collective=collective, init_fn=init_fn)
 
 
 def _host_budget(config: RunConfig, from_cap: int | None) -> int | None:
