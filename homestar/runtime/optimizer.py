@@ -13,8 +13,9 @@ through it slice by slice (`stream_adam`), while a worker thread updates the CPU
 ones is `split`'s decision (`adam_split`).
 Across ranks (a `Collective` of world > 1, group-owner ZeRO): each group's fp32 grads are summed
 onto its owner (on the device, as the step's last backward completes each grad chunk:
-`reduce_in_backward`; in the step for any chunk that was not), the squared norm of the owners' grads is summed over ranks, each owner updates
-its groups alone and broadcasts their param chunks. At world 1 none of that is issued.
+`reduce_in_backward`; in the step for any chunk that was not), the squared norm of the owners'
+grads is summed over ranks, each owner updates its groups alone and broadcasts their param
+chunks. At world 1 none of that is issued.
 Knows nothing of modules, hooks or the trainer.
 """
 
@@ -199,8 +200,8 @@ class ChunkAdamW:
 
     def _choose_device_side(self) -> None:
         """Groups homed on the device, plus the first host-homed groups this rank updates (the
-        next forward needs them first, and backward drained their grads last) up to
-        `stream_share` of the host-homed elements."""
+        next forward needs them first, and backward drained their grads last), as many as
+        `split` says."""
         hosted = [g for g in self.groups
                   if not g.optimizer_on_device and g.has_state and self.collective.owns(g.index)]
         count = self.split.streamed([g.grad.numel for g in hosted])
