@@ -138,3 +138,72 @@ def test_host_budget_counts_only_owned_groups_state():
     with pytest.raises(ValueError):  # its state is rank 0's of 2: it cannot serve one process
         engine.distribute(Collective())
     engine.close()
+
+
+class _SometimesModel(torch.nn.Module):
+    """A tiny language model with a layer the last micro-batch of each step does not use: its
+    grad chunk then misses gradients in the step's last backward and is handed over (summed onto
+    its owner) only when that backward ends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(256, 64)
+        self.extra = torch.nn.Linear(64, 64)
+        self.head = torch.nn.Linear(64, 256)
+        self.use_extra = True
+
+    def forward(self, idx, targets):
+        x = self.embed(idx)
+        if self.use_extra:
+            x = x + torch.tanh(self.extra(x))
+        logits = self.head(x)
+        return logits, torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+_SOMETIMES_CONFIG = dataclasses.replace(_config("fp32"), chunk_elems=24_000)
+"""The embedding and `extra` share a chunk: it gets some gradients in the last backward, not all."""
+
+
+def _train_sometimes(engine, model, rank: int | None) -> list[float]:
+    losses = []
+    for step, micro in enumerate(batches(3, 2)):
+        for k, (idx, targets) in enumerate(micro):
+            model.use_extra = k == 0  # the last micro-batch leaves `extra` without a gradient
+            if rank is not None:
+                half = idx.shape[0] // WORLD
+                idx, targets = idx[rank * half:(rank + 1) * half], targets[rank * half:(rank + 1) * half]
+            losses.append(float(engine.forward_backward(idx, targets, len(micro) * (WORLD if rank is not None else 1))))
+        engine.step(lr_at(step))
+    return losses
+
+
+def _rank_sometimes(rank: int, init: str, out: dict) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    try:
+        model = _SometimesModel()
+        engine = attach(model, _SOMETIMES_CONFIG, optim_config(Setup()), collective=Collective(rank=rank, world=WORLD))
+        _train_sometimes(engine, model, rank)
+        out[rank] = {"weights": engine.state_dict()["weights"], "reduced": engine.stats()["reduced_in_backward"]}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_chunk_without_gradients_in_the_last_backward_is_summed_when_backward_ends(tmp_path):
+    model = _SometimesModel()
+    single = attach(copy.deepcopy(model), _SOMETIMES_CONFIG, optim_config(Setup()))
+    assert single.table.infos[1].group is single.table.infos[0].group  # `extra` shares the embedding's chunk
+    _train_sometimes(single, single.model, None)
+    whole = single.state_dict()["weights"]
+    n_groups = len(single.groups)
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_rank_sometimes, args=(f"file://{tmp_path / 'store'}", out), nprocs=WORLD, join=True)
+        ranks = [out[r] for r in range(WORLD)]
+    merged = {name: t for r in ranks for name, t in r["weights"].items()}
+    assert sorted(merged) == sorted(whole)
+    for name, tensor in whole.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    for report in ranks:
+        assert report["reduced"] == n_groups * 3  # every group once a step, `extra`'s at the end
