@@ -104,16 +104,16 @@ def test_full_disk_fails_the_save_cleanly(tmp_path, monkeypatch):
     import homestar.train.checkpoint.save as ckpt
 
     save_checkpoint(tmp_path, 10, _state(10), {"data": {}, "tokens": 0})
-    real_save = ckpt.save_file
+    real_write = ckpt.write_tensors
     calls = []
 
-    def fill_disk(tensors, path):
+    def fill_disk(path, tensors):  # the disk fills while the second file (the moments) is written
         calls.append(path)
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_save(tensors, path)
+        real_write(path, tensors)
 
-    monkeypatch.setattr(ckpt, "save_file", fill_disk)
+    monkeypatch.setattr(ckpt, "write_tensors", fill_disk)
     with pytest.raises(CheckpointError, match="No space left"):
         save_checkpoint(tmp_path, 20, _state(20), {"data": {}, "tokens": 0})
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000010"]

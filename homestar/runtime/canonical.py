@@ -27,19 +27,24 @@ from homestar.runtime.states import Move
 
 
 def export_state(table: ParamTable, adamw: ChunkAdamW, placement: Placement, scaler: LossScaler | None,
-                 keep: Callable[[ParamInfo], bool] | None = None) -> dict:
+                 keep: Callable[[ParamInfo], bool] | None = None, *, device_views: bool = False) -> dict:
     """Canonical state of the parameters `keep` selects (all by default: one rank's shard
     otherwise); "step" and extras are the whole optimizer's.
 
     Like `nn.Module.state_dict`, the tensors share memory with the engine: views into the host
     chunk buffers (a chunk homed on the device is copied to the host once), valid as of this
     call until the next step or load; clone what must outlive that. A checkpoint of a model that
-    fills the host therefore stages no second copy of it."""
+    fills the host therefore stages no second copy of it. With `device_views`, chunks homed on the
+    device are not copied either: their tensors are views of device memory, which a writer copies
+    one at a time (`train.checkpoint.tensor_file`)."""
     cache: dict[int, torch.Tensor] = {}
+    if device_views:
+        placement.device.synchronize()  # sync: state export only; the views are read after it
 
     def read(chunk: Chunk, info) -> torch.Tensor:
         if chunk.id not in cache:
-            cache[chunk.id] = placement.read(chunk)  # may write back or sync: export only
+            on_device = device_views and chunk.home == "device"
+            cache[chunk.id] = chunk.device if on_device else placement.read(chunk)  # may write back or sync
         return chunk.view(cache[chunk.id], info.slot, info.shape)  # fp32 chunks: a view, no copy
 
     weights, exp_avg, exp_avg_sq, steps = {}, {}, {}, {}

@@ -133,9 +133,17 @@ class ChunkedEngine:
 
     def state_dict(self) -> dict:
         """Canonical state; across ranks, this rank's shard: the parameters of the groups it owns."""
+        return self._export(device_views=False)
+
+    def checkpoint_state(self) -> dict:
+        """`state_dict()` for a checkpoint writer: chunks homed on the device stay there (views,
+        valid until the next step), so the writer stages one tensor at a time, not all of them."""
+        return self._export(device_views=True)
+
+    def _export(self, *, device_views: bool) -> dict:
         comm = self.adamw.collective
         keep = None if not comm.active else (lambda info: comm.owns(info.group.index))
-        return export_state(self.table, self.adamw, self.placement, self.scaler, keep)
+        return export_state(self.table, self.adamw, self.placement, self.scaler, keep, device_views=device_views)
 
     def load_state_dict(self, state: dict) -> None:
         import_state(state, self.table, self.adamw, self.placement, self.scaler)

@@ -50,6 +50,10 @@ class Engine(Protocol):
         tensors may share memory with the engine (valid until its next step or load), as
         `nn.Module.state_dict`'s do: clone what must outlive that."""
 
+    def checkpoint_state(self) -> dict:
+        """`state_dict()` for the checkpoint writer, whose tensors may also live on the device
+        (the writer copies them to the host one at a time)."""
+
     def load_state_dict(self, state: dict) -> None:
         """Inverse of state_dict(); tolerant of either engine's output."""
 

@@ -30,9 +30,6 @@ POLL_SECONDS = 1.0
 WORKING_RESERVE = 64 << 20
 """Allocator slack, token batches, event records: host bytes the step needs besides chunks."""
 
-STATE_BYTES_PER_PARAM = 12
-"""fp32 master weights and the two Adam moments: what a checkpoint holds per parameter."""
-
 
 def host_chunk_budget(config, *, rss: int) -> int | None:
     """Bytes of host memory the chunk runtime may allocate under --cpu-mem-gib (None: no cap).
@@ -52,11 +49,12 @@ def host_chunk_budget(config, *, rss: int) -> int | None:
 
 
 def _staging_bytes(config) -> int:
-    """Host bytes a checkpoint adds: the runtime hands host-homed chunks to the writer in place
-    (safetensors writes from the tensors without a copy: none measured for a 1 GiB tensor) and
-    copies chunks homed on the device to the host, at most what the device budget holds."""
-    state = STATE_BYTES_PER_PARAM * config.params
-    return state if config.gpu_mem_gib is None else min(state, int(config.gpu_mem_gib * GIB))
+    """Host bytes a checkpoint adds: host-homed chunks are written from their buffers in place,
+    and the writer copies device-homed tensors to the host one at a time
+    (`train.checkpoint.tensor_file`): at most the largest parameter in fp32."""
+    m = config.model
+    largest = max(m["vocab_size"], m["seq_len"], 4 * m["d_model"]) * m["d_model"]
+    return 4 * min(largest, config.params)
 
 
 def _activation_bytes(config) -> int:

@@ -79,6 +79,9 @@ class TorchEngine:
         with torch.no_grad(), autocast_context(self.device, self.precision):
             yield self.model
 
+    def checkpoint_state(self) -> dict:
+        return self.state_dict()  # already host copies
+
     def state_dict(self) -> dict:
         weights = {n: p.detach().float().cpu().clone() for p, n in self.names.items()}
         exp_avg, exp_avg_sq, step = {}, {}, 0

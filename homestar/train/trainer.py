@@ -256,7 +256,7 @@ class Trainer:
         on with the previous checkpoint intact; a failed final save is an error for the caller."""
         progress = {"tokens": self.progress.tokens, "data": self.progress.data}
         try:
-            path = save_checkpoint(self.run_dir, self.progress.step, self.engine.state_dict(), progress,
+            path = save_checkpoint(self.run_dir, self.progress.step, self.engine.checkpoint_state(), progress,
                                    keep=self.config.keep_checkpoints, ranks=self.ranks)
         except CheckpointError as exc:
             if final:

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from homestar.errors import CheckpointError
 from homestar.train import faults
 from homestar.train.checkpoint import layout
+from homestar.train.checkpoint.tensor_file import write_tensors
 from homestar.train.distributed import Ranks
 from homestar.train.run_files import checkpoint_name, list_checkpoints
 
@@ -144,9 +145,9 @@ def _write_shard(tmp: Path, engine_state: dict, weights_name: str, moments_name:
     optimizer = dict(engine_state["optimizer"])
     moments = {f"exp_avg/{n}": t for n, t in optimizer.pop("exp_avg").items()}
     moments.update({f"exp_avg_sq/{n}": t for n, t in optimizer.pop("exp_avg_sq").items()})
-    save_file(_contiguous(engine_state["weights"]), tmp / weights_name)
+    write_tensors(tmp / weights_name, engine_state["weights"])  # one tensor staged at a time
     faults.reach("checkpoint-file")
-    save_file(_contiguous(moments), tmp / moments_name)
+    write_tensors(tmp / moments_name, moments)
     faults.reach("checkpoint-file")
     for name in (weights_name, moments_name):
         layout.fsync(tmp / name)
@@ -166,10 +167,6 @@ def _rng_state() -> tuple[dict, dict]:
         for i in range(torch.cuda.device_count()):
             tensors[f"torch_cuda_{i}"] = torch.cuda.get_rng_state(i)
     return tensors, {"python": [version, list(internal), gauss]}
-
-
-def _contiguous(tensors: dict) -> dict:
-    return {k: v.detach().contiguous() for k, v in tensors.items()}
 
 
 def _prune(root: Path, keep: int) -> None:
