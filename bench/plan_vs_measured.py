@@ -81,8 +81,8 @@ def main() -> None:
             flags = ["bench", "--json", "--preset", name, "--device", args.device, "--gpu-mem-gib", str(budget),
                      "--micro-batch", str(plan["micro_batch"]), "--chunk-elems", str(plan["chunk_elems"]),
                      "--steps", str(args.steps), "--warmup", "1"]
-            if plan.get("cpu_mem_gib"):
-                flags += ["--cpu-mem-gib", str(plan["cpu_mem_gib"])]
+            if plan.get("host_chunk_gib"):  # bench's --cpu-mem-gib is the chunks' budget
+                flags += ["--cpu-mem-gib", str(plan["host_chunk_gib"])]
             result = homestar(*flags)[0]
             gpu_meas, host_meas = result.get("gpu_peak_gib", 0), result.get("cpu_peak_gib", 0)
             gpu_x = ratio(gpu_meas, plan["gpu_peak_gib"]) if args.device == "cuda" else None

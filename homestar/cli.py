@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="time training steps on synthetic tokens")
     bench.add_argument("--preset", default="125m")
-    _add_machine_flags(bench)
+    _add_machine_flags(bench, cpu_help="host memory for the chunks (a plan's host_chunk_gib); the process adds its own")
     bench.add_argument("--micro-batch", type=_positive_int, default=None)
     bench.add_argument("--accum", type=_positive_int, default=1)
     bench.add_argument("--seq-len", type=_positive_int, default=None)
@@ -142,11 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_machine_flags(parser: argparse.ArgumentParser) -> None:
+def _add_machine_flags(parser: argparse.ArgumentParser,
+                       cpu_help: str = "host memory homestar may use, pinned included") -> None:
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     parser.add_argument("--gpu-mem-gib", type=_gib, default=None,
                         help="GPU memory homestar may use (on the CPU: the simulated device's size)")
-    parser.add_argument("--cpu-mem-gib", type=_gib, default=None, help="host memory homestar may use, pinned included")
+    parser.add_argument("--cpu-mem-gib", type=_gib, default=None, help=cpu_help)
 
 
 def main(argv: list[str] | None = None) -> int:

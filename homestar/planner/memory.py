@@ -49,6 +49,15 @@ PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 """Bytes per element of compute-precision params and activations."""
 _FP32_MODEL_BYTES = 4
 """Bytes per parameter of the model as the trainer builds it on the host."""
+WORKING_RESERVE = 64 * MIB
+"""Allocator slack, token batches, event records: host bytes a training step needs besides chunks."""
+
+
+def checkpoint_staging(config: GPTConfig) -> int:
+    """Host bytes a checkpoint adds beside the chunks: host-homed chunks are written from their
+    buffers in place and device-homed tensors copied to the host one at a time
+    (`train.checkpoint.tensor_file`): at most the largest parameter, in fp32."""
+    return _FP32_MODEL_BYTES * max(numel for _, numel in named_sizes(config))
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -152,6 +161,8 @@ class Estimate:
     """fp32 model bytes on the host beside the chunks while `attach` packs: the trainer builds
     the model on the meta device and each parameter is made (fp32) as it is packed, so one
     parameter at a time, the largest."""
+    staging: int = 0
+    """Host bytes a checkpoint adds beside the chunks (`checkpoint_staging`)."""
 
     def chunks_in_use(self, streamed: list[bool] | None = None) -> int:
         """Device bytes of the streamed groups' chunks in use at once (default: every group
@@ -221,6 +232,7 @@ def estimate(
         context=overheads.cuda_context_bytes if on_gpu else 0,
         host_base=overheads.host_base_cuda_bytes if on_gpu else overheads.host_base_cpu_bytes,
         model_bytes=_FP32_MODEL_BYTES * max(numel for _, numel in named_sizes(config)),
+        staging=checkpoint_staging(config),
     )
 
 

@@ -19,8 +19,10 @@ context: the runtime caches chunks up to its budget, so a model larger than the 
 it whatever margin the verdict kept. `gpu_peak_gib` counts torch's allocator alone, as
 `homestar bench` measures it and `--gpu-mem-gib` caps it; `gpu_card_gib` adds the context.
 When the host cannot hold every chunk group the runtime homes the rest
-on the GPU, which it does only when told the host budget: the plan then carries the
-`cpu_mem_gib` to train with, and its reason says so.
+on the GPU, which it does only when told the host budget: the plan then carries the chunk budget
+(`host_chunk_gib`, which `--preset auto` hands to the runtime) and the `--cpu-mem-gib` that gives
+`homestar train` that much for chunks (a cap on the whole process: the chunks, the process itself,
+a checkpoint's staging and a working reserve), and its reason says so.
 
 The recommendation is the largest preset that fits with margin and trains at a *useful speed*:
 100 M tokens within a day (about 1,160 tokens/s), enough to watch a model learn, and as long as a
@@ -42,7 +44,7 @@ from dataclasses import dataclass
 
 from homestar.errors import BudgetError, ConfigError
 from homestar.model import Preset, list_presets, load_preset
-from homestar.planner.memory import GIB, Overheads, estimate
+from homestar.planner.memory import GIB, WORKING_RESERVE, Overheads, estimate
 from homestar.planner.placement import Fit, fit
 from homestar.planner.probe import GPUInfo, MachineInfo
 from homestar.planner.probe import probe as probe_machine
@@ -83,7 +85,9 @@ class PresetPlan:
     reason: str
     cpu_mem_gib: float | None = None
     """The --cpu-mem-gib to train this plan with, when the host cannot hold every chunk group
-    and the runtime must home some on the GPU (it counts chunk bytes only); None otherwise."""
+    and the runtime must home some on the GPU; None otherwise."""
+    host_chunk_gib: float | None = None
+    """The host budget for chunks alone that `cpu_mem_gib` leaves (None likewise)."""
     gpu_card_gib: float = 0.0
     """`gpu_peak_gib` plus the CUDA context: what the card holds (0 on the CPU)."""
 
@@ -231,8 +235,19 @@ def _plan_preset(preset: Preset, target: _Target, facts: SpeedFacts, overheads: 
         device=target.device, precision=target.precision,
         est_tok_s=None if best.fits == "no" else round(best.tok_s, 1),
         reason=_reason(best, target, facts),
-        cpu_mem_gib=None if best.fit.runtime_host_budget is None else _gib_down(best.fit.runtime_host_budget),
+        cpu_mem_gib=_process_cap(best.fit),
+        host_chunk_gib=None if best.fit.runtime_host_budget is None else _gib_down(best.fit.runtime_host_budget),
     )
+
+
+def _process_cap(placed: Fit) -> float | None:
+    """The --cpu-mem-gib under which `homestar train` leaves the plan's chunk budget to chunks:
+    `train.memory_guard.host_chunk_budget` in reverse, the process counted as `host_base`."""
+    if placed.runtime_host_budget is None:
+        return None
+    chunks = _gib_down(placed.runtime_host_budget) * GIB
+    overhead = placed.est.host_base + placed.est.staging + WORKING_RESERVE
+    return math.ceil((chunks + overhead) / GIB * 10) / 10  # up to 0.1 GiB: never short
 
 
 def _option(preset: Preset, micro_batch: int, accum: int, target: _Target, facts: SpeedFacts,
@@ -281,7 +296,7 @@ def _reason(option: _Option, target: _Target, facts: SpeedFacts) -> str:
         text += f", within {100 - 100 * MARGIN:.0f}% of a budget"
     if placed.device_groups:
         text += (f"; {placed.device_groups} of {placed.est.data.n_chunks} chunk groups live on the GPU: "
-                 f"run with --cpu-mem-gib {_gib_down(placed.runtime_host_budget):g}")
+                 f"run with --cpu-mem-gib {_process_cap(placed):g}")
     return text
 
 

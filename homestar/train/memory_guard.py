@@ -5,7 +5,8 @@ gets what is left of it after what the process already holds, what a checkpoint 
 activations, and (on a CPU-only machine) the simulated device, whose bytes are host bytes too.
 `MemoryGuard` is polled between steps: when other programs have grown until the machine's
 available memory falls under a threshold, training waits (saying so) instead of pushing the
-desktop into swap, and goes on once memory is back. Knows RunConfig and psutil; nothing of
+desktop into swap, and goes on once memory is back. Knows RunConfig, psutil and the planner's
+host figures (checkpoint staging, working reserve); nothing of
 engines, chunks or models.
 """
 
@@ -19,6 +20,8 @@ from typing import Callable
 import psutil
 
 from homestar.errors import BudgetError
+from homestar.model import GPTConfig
+from homestar.planner.memory import WORKING_RESERVE, checkpoint_staging
 
 GIB = 2**30
 MIN_AVAILABLE_ENV = "HOMESTAR_MIN_AVAILABLE_GIB"
@@ -26,9 +29,6 @@ MIN_AVAILABLE_ENV = "HOMESTAR_MIN_AVAILABLE_GIB"
 
 POLL_SECONDS = 1.0
 """Seconds between two looks at available memory while training waits for it."""
-
-WORKING_RESERVE = 64 << 20
-"""Allocator slack, token batches, event records: host bytes the step needs besides chunks."""
 
 
 def host_chunk_budget(config, *, rss: int) -> int | None:
@@ -40,21 +40,13 @@ def host_chunk_budget(config, *, rss: int) -> int | None:
         return None
     cap = int(config.cpu_mem_gib * GIB)
     simulated = int(config.gpu_mem_gib * GIB) if config.device == "cpu" and config.gpu_mem_gib else 0
-    overhead = rss + simulated + _staging_bytes(config) + _activation_bytes(config) + WORKING_RESERVE
+    staging = checkpoint_staging(GPTConfig(**config.model))
+    overhead = rss + simulated + staging + _activation_bytes(config) + WORKING_RESERVE
     if cap - overhead <= 0:
         raise BudgetError(f"--cpu-mem-gib {config.cpu_mem_gib:g} leaves nothing for the model: the process already "
                           f"holds {rss / GIB:.2f} GiB and needs {(overhead - rss) / GIB:.2f} GiB more besides its "
                           f"chunks; raise --cpu-mem-gib to at least {overhead / GIB + 0.05:.2f}")
     return cap - overhead
-
-
-def _staging_bytes(config) -> int:
-    """Host bytes a checkpoint adds: host-homed chunks are written from their buffers in place,
-    and the writer copies device-homed tensors to the host one at a time
-    (`train.checkpoint.tensor_file`): at most the largest parameter in fp32."""
-    m = config.model
-    largest = max(m["vocab_size"], m["seq_len"], 4 * m["d_model"]) * m["d_model"]
-    return 4 * min(largest, config.params)
 
 
 def _activation_bytes(config) -> int:

@@ -87,7 +87,7 @@ def _pick_preset(request: TrainRequest, device: str):
     for name in ("micro_batch", "accum", "chunk_elems"):
         if getattr(request, name) is None:
             setattr(request, name, getattr(best, name))
-    request.host_chunk_gib = best.cpu_mem_gib  # the plan's host budget is for chunks, not the process
+    request.host_chunk_gib = best.host_chunk_gib  # the chunks' share, handed to the runtime as it is
     return load_preset(best.preset)
 
 
