@@ -91,13 +91,7 @@ class CudaDevice(DeviceSpace):
             stream.wait_event(after)  # stream wait: a pending write-back into src lands first
         with torch.cuda.stream(stream):
             dev = self.alloc(numel, dtype)  # allocated on the upload stream
-            begin = self.clock.start(stream) if self.clock else None
-            dev.copy_(src, non_blocking=True)  # async H2D from pinned memory
-            if self.clock:
-                self.clock.stop("h2d", begin, stream)
-            event = torch.cuda.Event()
-            event.record(stream)
-        return dev, event
+        return dev, self._copies(stream, [(dev, src)], "h2d")  # async H2D from pinned memory
 
     def upload_into(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], after: Any) -> Any:
         stream = self.upload_stream
@@ -109,7 +103,7 @@ class CudaDevice(DeviceSpace):
         stream = self.offload_stream
         stream.wait_stream(self._compute())  # stream wait: compute's writes to the srcs land first
         if after is not None:
-            stream.wait_event(after)
+            stream.wait_event(after)  # stream wait: e.g. an upload still reading a dst finishes first
         event = self._copies(stream, pairs, "d2h")  # async D2H into pinned memory
         for _, src in pairs:
             src.record_stream(stream)  # src's memory is not reused before the copy has read it
@@ -133,21 +127,6 @@ class CudaDevice(DeviceSpace):
         compute = self._compute()
         compute.wait_event(event)  # stream wait, no host sync
         tensor.record_stream(compute)  # compute uses memory the upload stream allocated
-
-    def write_back(self, dev: torch.Tensor, host: torch.Tensor, after: Any) -> Any:
-        stream = self.offload_stream
-        stream.wait_stream(self._compute())  # stream wait: compute's writes to dev land first
-        if after is not None:
-            stream.wait_event(after)  # stream wait: an upload still reading host finishes first
-        with torch.cuda.stream(stream):
-            begin = self.clock.start(stream) if self.clock else None
-            host.copy_(dev, non_blocking=True)  # async D2H into pinned memory
-            if self.clock:
-                self.clock.stop("d2h", begin, stream)
-            event = torch.cuda.Event()
-            event.record(stream)
-        dev.record_stream(stream)  # dev's memory is not reused before the copy has read it
-        return event
 
     def host_wait(self, event: Any) -> None:
         if event is not None:

@@ -40,8 +40,8 @@ def plan_homes(
     step_set: int = 0,
 ) -> list[bool]:
     """True per group that lives on the device. `fill`: also use the measured margin ("auto").
-    `step_set`: device bytes the optimizer step needs besides the homed groups (a group streamed
-    through the device for AdamW, with its fp32 grad buffer); activations are gone by then."""
+    `step_set`: device bytes the optimizer step needs besides the homed groups (the staging sets
+    of AdamW streamed through the device); activations are gone by then."""
     home = [policy == "device"] * len(groups)
     host_need = sum(g.total for g, dev in zip(groups, home) if not dev)
     for i in reversed(range(len(groups))):

@@ -226,11 +226,11 @@ class RuntimeHooks:
         one collective runs while backward computes the next chunk's gradients."""
         self._handed.add(chunk.id)
         finish = self.grad_done(chunk)
-        self._flush(keep=0)
+        self._flush()
         self._pending.append((chunk, held, finish))
 
-    def _flush(self, keep: int = 0) -> None:
-        while len(self._pending) > keep:
+    def _flush(self) -> None:
+        while self._pending:
             chunk, held, finish = self._pending.pop(0)
             self.placement.release(chunk, held, Move.RELEASE_BWD, wrote=True)
             finish()  # after the release: it may mark the device copy as not worth writing back

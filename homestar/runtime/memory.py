@@ -124,7 +124,7 @@ class DeviceSpace(MemorySpace):
 
     def write_back(self, dev: torch.Tensor, host: torch.Tensor, after: Any) -> Any:
         """Copy a device tensor into its host buffer; returns the copy's event."""
-        raise NotImplementedError
+        return self.download_into([(host, dev)], after)
 
     def upload_into(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], after: Any) -> Any:
         """Copy each (device dst, host src) pair once `after` completed; returns one event for
@@ -207,10 +207,7 @@ class SimulatedDevice(DeviceSpace):
     def fetch(self, src: torch.Tensor | None, numel: int, dtype: torch.dtype, after: Any) -> tuple[torch.Tensor, Any]:
         dev = self.alloc(numel, dtype, zero=src is None)
         if src is not None:
-            begin = self.clock.start() if self.clock else None
-            dev.copy_(src)  # synchronous copy between the two simulated spaces
-            if self.clock:
-                self.clock.stop("h2d", begin)
+            self._copies([(dev, src)], "h2d")
         return dev, None
 
     def upload_into(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], after: Any) -> Any:
@@ -226,9 +223,4 @@ class SimulatedDevice(DeviceSpace):
         if self.clock:
             self.clock.stop(phase, begin)
 
-    def write_back(self, dev: torch.Tensor, host: torch.Tensor, after: Any) -> Any:
-        begin = self.clock.start() if self.clock else None
-        host.copy_(dev)
-        if self.clock:
-            self.clock.stop("d2h", begin)
-        return None
+

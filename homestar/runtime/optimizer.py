@@ -69,12 +69,11 @@ class ChunkAdamW:
         self.split = AdamSplit()
         """How much of the host-homed groups' AdamW streams through the device (the CPU updates
         the rest at the same time)."""
-        self._device_side: set[int] = set()
-        """Groups whose AdamW runs on the device this step (homed there, or streamed)."""
         self._worker: ThreadPoolExecutor | None = None
         """The thread that runs the CPU's groups while the device's update (made once)."""
         self._streamed: set[int] = set()
-        """The host-homed ones among them (their chunks stay on the host; `stream_adam`)."""
+        """Host-homed groups whose AdamW streams through the device (this step, or the last one
+        once it ended; their chunks stay on the host: `stream_adam`)."""
         self._reduced: set[int] = set()
         """Groups whose grads were summed onto their owner during backward (this step)."""
         self._held: set[int] = set()
@@ -89,7 +88,7 @@ class ChunkAdamW:
         for info in active:
             by_group[info.group.index].append(info)
         comm = self.collective
-        self._choose_device_side()
+        self._choose_streamed()
         grads = self._stage_grads(by_group)
         owned = {index: infos for index, infos in by_group.items() if comm.owns(index)}
         owned_infos = [info for infos in owned.values() for info in infos]
@@ -198,19 +197,17 @@ class ChunkAdamW:
             torch._foreach_mul_(tensors, coef.to(device))
         return coef
 
-    def _choose_device_side(self) -> None:
-        """Groups homed on the device, plus the first host-homed groups this rank updates (the
-        next forward needs them first, and backward drained their grads last), as many as
-        `split` says."""
+    def _choose_streamed(self) -> None:
+        """The first host-homed groups this rank updates (the next forward needs them first, and
+        backward drained their grads last), as many as `split` says."""
         hosted = [g for g in self.groups
                   if not g.optimizer_on_device and g.has_state and self.collective.owns(g.index)]
         count = self.split.streamed([g.grad.numel for g in hosted])
         self._streamed = {g.index for g in hosted[:count]}
-        self._device_side = {g.index for g in self.groups if g.optimizer_on_device} | self._streamed
 
     def streamed_groups(self) -> list[int]:
         """Host-homed groups whose AdamW ran on the device in the last step."""
-        return sorted(i for i in self._device_side if not self.groups[i].optimizer_on_device)
+        return sorted(self._streamed)
 
     def _adam_all(self, owned: dict[int, list[ParamInfo]], grads: dict[int, torch.Tensor], lr: float,
                   coef: torch.Tensor | None) -> dict[str, float]:
@@ -218,9 +215,10 @@ class ChunkAdamW:
         release the GIL) while this thread drives the device's (homed there, or streamed), so
         both engines run at once. Every placement call stays on this thread: the CPU groups'
         chunks are held before the worker starts and let go after it ends."""
-        cpu = [(self.groups[i], infos) for i, infos in owned.items() if i not in self._device_side]
         dev = [(self.groups[i], infos) for i, infos in owned.items() if self.groups[i].optimizer_on_device]
         streamed = [(self.groups[i], infos) for i, infos in owned.items() if i in self._streamed]
+        cpu = [(self.groups[i], infos) for i, infos in owned.items()
+               if not self.groups[i].optimizer_on_device and i not in self._streamed]
         held = [(group, infos, self._hold_state(group, infos)) for group, infos in cpu]
         jobs = [self._stream_job(group, infos) for group, infos in streamed]
         host_coef = None if coef is None or not held else coef.cpu()  # one small copy, not one per group
@@ -244,8 +242,7 @@ class ChunkAdamW:
         wide_coef = None if coef is None or not jobs or jobs[0].grad.dtype == torch.float32 else coef
         last = stream_adamw(jobs, device, self.placement.scratch, self.placement.free_scratch,  # fp32: clipped
                             coef=wide_coef, lr=lr, config=self.config)
-        for group, infos in dev:
-            self._update_on_device(group, infos, grads, lr, coef)
+        self._update_on_device(dev, grads, lr, coef)
         if jobs:
             device.host_wait(last)  # sync: the streamed groups' host buffers hold their update
             times["opt_streamed_adam"] = time.perf_counter() - begin
@@ -274,18 +271,22 @@ class ChunkAdamW:
         return StreamJob(spans=spans, grad=group.grad.host, master=master, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
                          param=param[0] if param else None)
 
-    def _update_on_device(self, group: ChunkGroup, infos: list[ParamInfo], grads: dict[int, torch.Tensor],
+    def _update_on_device(self, dev: list[tuple[ChunkGroup, list[ParamInfo]]], grads: dict[int, torch.Tensor],
                           lr: float, coef: torch.Tensor | None) -> None:
-        """One device-homed group: hold, update, let go. Its own function so that no tensor of
-        it outlives the call."""
-        state = self._hold_state(group, infos)
+        """The device-homed groups, one after the other: hold, update, let go. bf16 grads widen
+        into one fp32 buffer sized for the largest chunk, budgeted like a chunk (the device may
+        be full) and reused by every group. Its own function so no tensor of it outlives the call."""
+        if not dev:
+            return
         wide = None
-        if group.grad.dtype != torch.float32:  # budgeted like a chunk: the device may be full
-            wide = self.placement.scratch(group.grad.numel, torch.float32)
-        self._update(group, infos, grads, lr, coef, state, wide)
+        if dev[0][0].grad.dtype != torch.float32:
+            wide = self.placement.scratch(max(group.grad.numel for group, _ in dev), torch.float32)
+        for group, infos in dev:
+            state = self._hold_state(group, infos)
+            self._update(group, infos, grads, lr, coef, state, None if wide is None else wide[:group.grad.numel])
+            self._let_go_state(group, infos)
         if wide is not None:
             self.placement.free_scratch(wide)
-        self._let_go_state(group, infos)
 
     def _hold_state(self, group: ChunkGroup, infos: list[ParamInfo], where: torch.device | None = None,
                     ) -> tuple[torch.Tensor, ...]:
@@ -379,7 +380,6 @@ class ChunkAdamW:
                 self._let_go(self.groups[index].grad, infos)
         self._held.clear()
         self._reduced.clear()
-        self._streamed = set()
         self._norms.clear()
         for group in self.groups:
             self.placement.clear(group.grad)

@@ -52,21 +52,27 @@ class StreamJob:
     """The compute-dtype param chunk; None when the master is the param (fp32 training)."""
 
 
+def _set_buffers(elems: int, grad_dtype: torch.dtype, param_dtype: torch.dtype | None) -> list:
+    """(numel, dtype) of one staging set's buffers, None where a set needs none: master and both
+    moments; the grads in fp32, as the fused kernel reads them; the grads as they arrive, when
+    narrower; the new compute-dtype params, when separate from the master."""
+    return [(3 * elems, torch.float32), (elems, torch.float32),
+            (elems, grad_dtype) if grad_dtype != torch.float32 else None,
+            (elems, param_dtype) if param_dtype not in (None, torch.float32) else None]
+
+
 def staging_bytes(elems: int, grad_dtype: torch.dtype, param_dtype: torch.dtype) -> int:
     """Device bytes of the ring's staging sets for slices of `elems` elements."""
-    per = 4 * 4 + (grad_dtype.itemsize if grad_dtype != torch.float32 else 0)
-    per += param_dtype.itemsize if param_dtype != torch.float32 else 0
-    return STAGING_SETS * elems * per
+    buffers = [b for b in _set_buffers(elems, grad_dtype, param_dtype) if b is not None]
+    return STAGING_SETS * sum(numel * dtype.itemsize for numel, dtype in buffers)
 
 
 class _Set:
     """One staging set: device buffers for one slice."""
 
     def __init__(self, scratch, elems: int, grad_dtype: torch.dtype, param_dtype: torch.dtype | None) -> None:
-        self.state = scratch(3 * elems, torch.float32)  # master, exp_avg, exp_avg_sq
-        self.wide = scratch(elems, torch.float32)  # grads in fp32, as the fused kernel reads them
-        self.grad = scratch(elems, grad_dtype) if grad_dtype != torch.float32 else None
-        self.param = scratch(elems, param_dtype) if param_dtype is not None else None
+        self.state, self.wide, self.grad, self.param = (
+            None if b is None else scratch(*b) for b in _set_buffers(elems, grad_dtype, param_dtype))
         self.free_after = None
         """Event of this set's last write-back: the next upload into it waits for it."""
 
