@@ -194,10 +194,9 @@ def _engine(request: BenchRequest, model, optim, device: str, precision: str, mi
     from homestar.planner.memory import nonmodel_forecast
     from homestar.runtime import RuntimeConfig, attach
 
-    forecast = None
-    if device == "cuda":  # reserved until the first trace measures it (see train.build)
-        forecast = nonmodel_forecast(model.config, precision=precision, micro_batch=micro_batch,
-                                     checkpointing=model.checkpoint_activations)
+    # reserved until the first trace measures it, as `homestar train` does (train.build)
+    forecast = nonmodel_forecast(model.config, device=device, precision=precision, micro_batch=micro_batch,
+                                 checkpointing=model.checkpoint_activations)
     config = RuntimeConfig(
         device=device, precision=precision, chunk_elems=request.chunk_elems, nonmodel_estimate_bytes=forecast,
         gpu_budget_bytes=int(request.gpu_mem_gib * GIB) if request.gpu_mem_gib else None,

@@ -541,20 +541,13 @@ def test_the_runtime_is_given_the_activation_forecast_on_gpus_only():
     """Training and bench hand the planner's activation forecast to the runtime, which reserves
     it while its first trace is recorded (before it, 2.7b at micro-batch 8 ran out of an 8 GiB
     card in its first backward: prefetched chunks filled the room the logits' grad needed)."""
-    from types import SimpleNamespace
-
     from homestar.planner.memory import estimate, nonmodel_forecast
-    from homestar.train.build import _nonmodel_forecast
 
     config = GPTConfig(vocab_size=50304, seq_len=1024, d_model=2560, n_layer=32, n_head=32)
-    forecast = nonmodel_forecast(config, precision="bf16", micro_batch=8, checkpointing=True)
+    forecast = nonmodel_forecast(config, device="cuda", precision="bf16", micro_batch=8, checkpointing=True)
     assert forecast == estimate(config, precision="bf16", micro_batch=8, checkpointing=True).nonmodel
     act = activation_memory(config, micro_batch=8, seq_len=1024, act_bytes=2, checkpointing=True)
     logits_and_grad = 2 * 8 * 1024 * 50304 * 2
     assert act.head_phase >= logits_and_grad and forecast > act.saved + logits_and_grad
+    assert nonmodel_forecast(config, device="cpu", precision="fp32", micro_batch=8, checkpointing=False) is None
 
-    model = GPT(GPTConfig(vocab_size=64, seq_len=16, d_model=32, n_layer=2, n_head=2), checkpoint_activations=True)
-    run = SimpleNamespace(device="cuda", precision="bf16", micro_batch=4)
-    assert _nonmodel_forecast(run, model) == nonmodel_forecast(model.config, precision="bf16", micro_batch=4,
-                                                               checkpointing=True) > 0
-    assert _nonmodel_forecast(SimpleNamespace(device="cpu", precision="fp32", micro_batch=4), model) is None

@@ -25,7 +25,6 @@ _BUFFERS = (".attn.bias", ".attn.masked_bias")
 
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 """transformers' names for GELU with the tanh approximation (homestar's MLP activation)."""
-"""homestar's LayerNorm epsilon: a GPT-2 config with another one computes something else."""
 SHAPE_FIELDS = ("vocab_size", "seq_len", "d_model", "n_layer", "n_head", "tie_embeddings")
 """The GPTConfig fields GPT-2 can express; a run whose model has any other field cannot export."""
 

@@ -314,8 +314,12 @@ def _draw(pieces: list[tuple[int, torch.Tensor, float]]) -> None:
     """Draw each (seed, slice, std) from N(0, std), on a pool of threads when there are several."""
 
     def one(seed: int, piece: torch.Tensor, std: float) -> None:
+        gen = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same numbers on any device
         with torch.no_grad():  # grad mode is per thread
-            piece.normal_(0.0, std, generator=torch.Generator().manual_seed(seed))
+            if piece.device.type == "cpu":
+                piece.normal_(0.0, std, generator=gen)
+            else:  # a model built under another default device: draw here, copy there
+                piece.copy_(torch.empty(piece.shape).normal_(0.0, std, generator=gen))
 
     if len(pieces) <= 1:
         for piece in pieces:

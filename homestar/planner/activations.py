@@ -10,9 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from homestar.model import GPTConfig
-from homestar.model.gpt import CE_SLICE_ELEMS
-
-"""Logit elements the loss upcasts to fp32 at once (the model's chunked cross-entropy)."""
+from homestar.model.gpt import CE_SLICE_ELEMS  # logit elements the loss upcasts to fp32 at once
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)

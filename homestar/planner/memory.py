@@ -10,10 +10,10 @@ For a model shape, precision, micro-batch and sequence length it counts, in byte
   prefetched, the grad chunk being filled and one draining;
 - activations (`activations.py`);
 - the CUDA context, allocator slack and the process's own host memory. The trainer builds the
-  model in fp32 on the host (4 bytes per parameter); `attach` allocates a group's chunks when it
-  packs the group's first parameter and frees each fp32 parameter once packed, so the host peaks
-  at the larger of the fp32 model and the chunks (plus one group's fp32 parameters), never both.
-  Under bf16 the CPU optimizer widens a group's grads into one fp32 scratch buffer.
+  model on the meta device; `attach` allocates a group's chunks when it packs the group's first
+  parameter and makes each parameter in fp32 as it packs it, so beside the chunks the host holds
+  one fp32 parameter at a time (a checkpoint likewise stages one tensor at a time). Under bf16
+  the CPU optimizer widens grads slice by slice into one small fp32 buffer.
 
 Host figures checked on the H200 box (2026-11-30; exact-size pinned buffers, grads still fp32,
 so 18 bytes per parameter): `homestar bench --preset 1.3b --gpu-mem-gib 8 --micro-batch 2`
@@ -24,8 +24,7 @@ chunks, 1.20 GiB besides. `Overheads.host_base_cuda_bytes` is that, with room fo
 Every figure is a pure function of the shape: nothing is allocated. Where the chunks live under
 given budgets, and the peaks that follow, is `placement.py`; speed lives in `speed.py`, verdicts
 and the recommendation in `plan.py`. Knows nothing of presets, of the
-machine's hardware or of the runtime's live state. Not counted: the host copies a checkpoint
-save makes (the trainer's, not the runtime's).
+machine's hardware or of the runtime's live state.
 """
 
 from __future__ import annotations
@@ -41,6 +40,7 @@ from homestar.runtime.config import RuntimeConfig
 from homestar.runtime.homes import GroupBytes
 from homestar.runtime.layout import Layout
 from homestar.runtime.adam_math import SLICE_ELEMS
+from homestar.runtime.stream_adam import slice_for, staging_bytes
 
 MIB = 2**20
 GIB = 2**30
@@ -182,6 +182,15 @@ class Estimate:
         elems = [self.data.layout.chunk_numel(i) for i, picked in enumerate(chosen) if picked]
         return 4 * max(elems, default=0)
 
+    def stream_staging(self) -> int:
+        """Device bytes of the staging sets through which the GPU streams its share of the
+        host-homed groups' AdamW during the step (on by default on CUDA; `runtime.stream_adam`)."""
+        if self.device != "cuda":
+            return 0
+        runtime = runtime_config(precision=self.data.precision, device="cuda")
+        return staging_bytes(slice_for(max(self.data.layout.chunk_numel(i) for i in range(self.data.n_chunks))),
+                             runtime.grad_dtype, runtime.compute_dtype)
+
     def host_scratch(self, on_host: list[bool]) -> int:
         """The CPU optimizer's fp32 buffer for narrower grads: one slice (`adam_math.SLICE_ELEMS`),
         reused by every host-side group, when any group's AdamW runs on the host."""
@@ -225,24 +234,30 @@ def estimate(
                             checkpointing=checkpointing)
     on_gpu = device == "cuda"
     prefetch = RuntimeConfig().prefetch_depth
+    largest = checkpoint_staging(config)  # one fp32 parameter, the largest: made at attach, staged at a save
     return Estimate(
         data=data, device=device, micro_batch=micro_batch, seq_len=seq_len, checkpointing=checkpointing, act=act,
-        nonmodel=int(act.peak * (1 + overheads.allocator_slack)),
+        nonmodel=_with_slack(act, overheads),
         params_in_use=min(data.n_chunks, 2 + prefetch), grads_in_use=min(data.n_chunks, 2),
         context=overheads.cuda_context_bytes if on_gpu else 0,
         host_base=overheads.host_base_cuda_bytes if on_gpu else overheads.host_base_cpu_bytes,
-        model_bytes=_FP32_MODEL_BYTES * max(numel for _, numel in named_sizes(config)),
-        staging=checkpoint_staging(config),
+        model_bytes=largest, staging=largest,
     )
 
 
-def nonmodel_forecast(config: GPTConfig, *, precision: str, micro_batch: int, checkpointing: bool,
-                      overheads: Overheads = Overheads()) -> int:
+def nonmodel_forecast(config: GPTConfig, *, device: str, precision: str, micro_batch: int, checkpointing: bool,
+                      overheads: Overheads = Overheads()) -> int | None:
     """Device bytes of activations and workspace one micro-batch is expected to peak at (slack
     included): what the runtime reserves beside the chunks until its first trace has measured
-    the real figure."""
+    the real figure. None off CUDA: the simulated device holds chunks only."""
+    if device != "cuda":
+        return None
     act = activation_memory(config, micro_batch=micro_batch, seq_len=config.seq_len,
                             act_bytes=PRECISION_BYTES[precision], checkpointing=checkpointing)
+    return _with_slack(act, overheads)
+
+
+def _with_slack(act: ActivationMemory, overheads: Overheads) -> int:
     return int(act.peak * (1 + overheads.allocator_slack))
 
 

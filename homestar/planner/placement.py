@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from homestar.errors import BudgetError
-from homestar.planner.memory import Estimate
+from homestar.planner.memory import WORKING_RESERVE, Estimate
 from homestar.runtime.homes import GroupBytes, plan_homes, working_set
 
 
@@ -56,7 +56,7 @@ class Fit:
     @property
     def gpu_card_peak(self) -> int:
         """Card memory at the steady peak: `gpu_peak` plus the CUDA context."""
-        return self.gpu_peak + self.est.context if self.gpu_peak else 0
+        return self.gpu_peak + self.est.context
 
     @property
     def steady_groups(self) -> int:
@@ -156,7 +156,8 @@ def steady_state(est: Estimate, *, cpu_cap: float, gpu_cap: int) -> tuple[list[b
     """
     groups = list(est.data.groups)
     try:
-        homes = plan_homes(groups, gpu_cap=gpu_cap, cpu_cap=cpu_cap, nonmodel=est.nonmodel, policy="auto", fill=True)
+        homes = plan_homes(groups, gpu_cap=gpu_cap, cpu_cap=cpu_cap, nonmodel=est.nonmodel, policy="auto", fill=True,
+                           step_set=est.stream_staging())
     except BudgetError:
         return None
     homed = sum(g.total for g, dev in zip(groups, homes) if dev)
@@ -168,7 +169,7 @@ def steady_state(est: Estimate, *, cpu_cap: float, gpu_cap: int) -> tuple[list[b
         if cached + group.param <= room:
             cached += group.param
     backward = est.nonmodel + homed + cached + in_flight
-    step = homed + cached + est.widen_scratch(homes)
+    step = homed + cached + est.widen_scratch(homes) + (est.stream_staging() if hosted else 0)
     return homes, cached, min(gpu_cap, max(backward, step))
 
 
@@ -177,8 +178,10 @@ def _start_homes(est: Estimate, groups: list[GroupBytes], gpu_cap: int, reserve:
     """The runtime's homes at attach under the host budget, the chunk budget that yields them
     and the host peak. The chunk budget starts at what the process leaves and shrinks while
     attach's transient fp32 parameters or the optimizer's scratch would push past the budget
-    (a few rounds: each one homes more groups on the GPU)."""
-    cpu_cap = float(host_budget - est.host_base)
+    (a few rounds: each one homes more groups on the GPU). What `homestar train` sets aside
+    under a process cap (a checkpoint's staging, a working reserve) is left out from the start,
+    so the chunk budget found is the one `train` derives from the advised `--cpu-mem-gib`."""
+    cpu_cap = float(host_budget - est.host_base - est.staging - WORKING_RESERVE)
     for _ in range(8):
         if cpu_cap < 0:
             return None

@@ -32,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from homestar.model import GPTConfig
+from homestar.planner.memory import PRECISION_BYTES
 from homestar.planner.placement import Fit
 from homestar.planner.probe import GPUInfo
 
@@ -141,7 +142,8 @@ def tokens_per_second(fit: Fit, config: GPTConfig, *, accum: int, gpu: GpuClass,
     streamed, on_cpu = fit.streamed, fit.streamed_elems
     uncached = streamed.param - fit.cached_param_bytes
     traffic = 2 * uncached + (2 - 1 / accum) * streamed.grad
-    resident = fit.steady_groups == data.n_chunks
+    # resident mode needs every group on the GPU and grads in the params' dtype (not fp16's fp32)
+    resident = fit.steady_groups == data.n_chunks and data.grad_bytes == PRECISION_BYTES[data.precision]
     overhead = config.n_layer * (facts.resident_block_s if resident else facts.runtime_block_s)
     micro = max(flops / (peak * efficiency), traffic / (gpu.pcie_gbs * 1e9), overhead)
     # host-homed groups: split between the contended CPU and the GPU's PCIe stream (the runtime

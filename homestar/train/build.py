@@ -66,18 +66,6 @@ def cap_gpu_memory(config: RunConfig) -> None:
     torch.cuda.set_per_process_memory_fraction(wanted / total)
 
 
-def _nonmodel_forecast(config: RunConfig, model) -> int | None:
-    """The planner's forecast of the GPU's activation peak. The runtime reserves it while its
-    first trace measures the real figure: without it, the first backward's logits and their grad
-    can find the device already filled with prefetched chunks (seen: 2.7b, micro-batch 8, 8 GiB)."""
-    if config.device != "cuda":
-        return None  # the simulated device holds chunks only
-    from homestar.planner.memory import nonmodel_forecast
-
-    return nonmodel_forecast(model.config, precision=config.precision, micro_batch=config.micro_batch,
-                             checkpointing=model.checkpoint_activations)
-
-
 def build_engine(config: RunConfig, model, collective=None):
     """The engine that trains `model`: the chunk runtime, or plain PyTorch for --runtime torch.
     `collective` (a runtime `Collective`): this rank among several; each keeps optimizer state
@@ -90,6 +78,7 @@ def build_engine(config: RunConfig, model, collective=None):
         return TorchEngine(model, optim, device=config.device, precision=config.precision)
     import psutil
 
+    from homestar.planner.memory import nonmodel_forecast
     from homestar.runtime import RuntimeConfig, attach
     from homestar.train.memory_guard import host_chunk_budget
 
@@ -100,7 +89,12 @@ def build_engine(config: RunConfig, model, collective=None):
         cpu_budget_bytes=_host_budget(config, host_chunk_budget(config, rss=psutil.Process().memory_info().rss)),
         chunk_elems=config.chunk_elems,
         precision=config.precision,
-        nonmodel_estimate_bytes=_nonmodel_forecast(config, model),
+        # the planner's forecast of the GPU's activation peak, reserved while the first trace
+        # measures the real one (without it the first backward's logits and their grad can find
+        # the device filled with prefetched chunks: seen, 2.7b at micro-batch 8 under 8 GiB)
+        nonmodel_estimate_bytes=nonmodel_forecast(model.config, device=config.device, precision=config.precision,
+                                                  micro_batch=config.micro_batch,
+                                                  checkpointing=model.checkpoint_activations),
     )
     init_fn = None
     if model.wte.weight.is_meta:  # built by `build_model`: the same draw as an eager build's
