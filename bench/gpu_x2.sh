@@ -219,8 +219,8 @@ train_run() {  # train_run NAME TIMEOUT NPROC PRESET STEPS WARMUP: one `homestar
       CUDA_VISIBLE_DEVICES=0 OMP_NUM_THREADS=$N_ALL timeout -k 20 "$limit" \
         taskset -c "$CORES_ALL" python "$HELPER" launch "${flags[@]}" > "$OUT/$name.log" 2>&1 & ;;
     2) say "train $name: 2 processes (torchrun) on GPUs 0 and 1, $N_A + $N_B cpus, $preset, $steps steps"
-      # OMP_NUM_THREADS set here: torchrun would otherwise give each worker 1 thread
-      CUDA_VISIBLE_DEVICES=0,1 HS_RANK_CORES="$CORES_A;$CORES_B" OMP_NUM_THREADS=$N_A timeout -k 45 "$limit" \
+      # no OMP_NUM_THREADS: homestar gives each pinned rank its own cores (train.distributed)
+      CUDA_VISIBLE_DEVICES=0,1 HS_RANK_CORES="$CORES_A;$CORES_B" timeout -k 45 "$limit" \
         torchrun --standalone --nproc-per-node 2 "$HELPER" launch "${flags[@]}" > "$OUT/$name.log" 2>&1 & ;;
   esac
   pid=$!

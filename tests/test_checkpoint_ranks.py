@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import homestar.train.checkpoint as ckpt
-from homestar.train.checkpoint import layout, load
+from homestar.train.checkpoint import layout, load, save
 from homestar.train.distributed import Ranks
 from train_helpers import make_corpus, step_losses
 
@@ -61,6 +61,7 @@ def _rank(rank: int, init: str, tmp: Path, out: dict) -> None:
         ranks, mine = Ranks(rank=rank, world=WORLD), set(NAMES[rank::WORLD])
         hashed, read = [], []
         _spy(layout, "describe", hashed)
+        _spy(save, "write_tensors", hashed)  # the shard writer hashes what it writes
         _spy(load, "_tensors", read)
         for step in (1, 2):
             ckpt.save_checkpoint(tmp / "two", step, _shard(_full(step), sorted(mine)), {"data": {}, "tokens": step},

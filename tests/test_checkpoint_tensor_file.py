@@ -8,6 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from homestar.train.checkpoint.layout import describe
 from homestar.train.checkpoint.tensor_file import write_tensors
 from runtime_helpers import Setup, attach_copy, batches, make_model, one_thread  # noqa: F401
 
@@ -23,7 +24,8 @@ def test_written_files_read_back_exactly(tmp_path):
         "bytes": torch.arange(11, dtype=torch.uint8),
         "steps": torch.arange(4, dtype=torch.int64),
     }
-    write_tensors(tmp_path / "t.safetensors", tensors)
+    described = write_tensors(tmp_path / "t.safetensors", tensors)
+    assert described == describe(tmp_path / "t.safetensors")  # hashed while written: no read-back needed
     back = load_file(tmp_path / "t.safetensors")
     assert set(back) == set(tensors)
     for name, tensor in tensors.items():

@@ -236,19 +236,18 @@ def test_squeeze_takes_memory_once_sized_from_the_highest_earlier_peak(monkeypat
     cuda = FakeCuda(monkeypatch)
     monkeypatch.setenv(SQUEEZE_ENV, "4:0.25")
     faults.arm_from_env()
-    for step, peak in ((1, 2 * gib), (2, 6 * gib), (3, 3 * gib)):  # a runtime may reset the peak counters
-        cuda.peak = peak
-        faults.maybe_squeeze(step, "cuda")
+    # what each earlier step needed above its resting memory, as the engine reported it
+    for step, needed in ((1, None), (2, 0), (3, 4 * gib)):
+        faults.maybe_squeeze(step, "cuda", needed)
         assert cuda.held == [] and cuda.emptied == 0
-    cuda.peak = 3 * gib
-    faults.maybe_squeeze(4, "cuda")
+    faults.maybe_squeeze(4, "cuda", gib)
     cap = int(0.12 * 100 * gib)
-    # headroom 4 GiB (step 2's peak 6 over 2 resting): a quarter of it, 1 GiB, stays allocatable
+    # headroom 4 GiB (step 2's need, the largest): a quarter of it, 1 GiB, stays allocatable
     expected = (cap - 2 * gib - gib) // (2 * 2**20) * (2 * 2**20)
     assert cuda.emptied == 1 and cuda.held == [expected] and faults._squeezed == [expected]
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and SQUEEZE_ENV in err[0] and f"took {expected / gib:.2f} GiB" in err[0]
-    faults.maybe_squeeze(5, "cuda")
+    faults.maybe_squeeze(5, "cuda", gib)
     assert cuda.held == [expected]  # once
 
 
@@ -257,10 +256,10 @@ def test_squeeze_on_the_first_step_a_process_trains_is_refused(monkeypatch):
     monkeypatch.setenv(SQUEEZE_ENV, "4")
     faults.arm_from_env()
     with pytest.raises(ConfigError, match="first"):
-        faults.maybe_squeeze(4, "cuda")  # a resume at step 3: nothing measured in this process
+        faults.maybe_squeeze(4, "cuda", None)  # a resume at step 3: nothing measured in this process
 
 
 def test_unset_squeeze_does_nothing(monkeypatch):
     monkeypatch.delenv(SQUEEZE_ENV, raising=False)
     faults.arm_from_env()
-    faults.maybe_squeeze(1, "cpu")  # no CUDA touched, no error
+    faults.maybe_squeeze(1, "cpu", None)  # no CUDA touched, no error

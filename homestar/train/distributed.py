@@ -83,20 +83,29 @@ def join_from_env(device: str) -> Ranks:
             torch.cuda.set_device(local_rank)
             backend = "nccl"
         dist.init_process_group(backend=backend)
-    _share_cores(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    _share_cores(world, rank)
     return Ranks(rank=rank, world=world, local_rank=local_rank)
 
 
-def _share_cores(local_world: int) -> None:
+def _share_cores(world: int, rank: int) -> None:
     """torchrun sets OMP_NUM_THREADS=1 when it is unset, which would run each rank's CPU AdamW on
-    one core. Give each rank its share of the cores it may run on instead (all of them divided
-    among the machine's ranks, or the set it was pinned to); a user's own setting above 1 stays."""
+    one core. Give each rank its share of the cores it may run on instead: the processes on this
+    machine that may run on the same cores (the same affinity mask; one small gather at start)
+    split them, so ranks pinned to their own cores keep them all and a cgroup's quota is
+    honoured (`planner.probe.cpu_cores`). A user's own setting above 1 stays."""
+    import socket
+
+    import torch.distributed as dist
+
+    from homestar.planner.probe import cpu_cores
+
     if os.environ.get("OMP_NUM_THREADS", "1") != "1":
         return
-    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if allowed == (os.cpu_count() or allowed):  # not pinned: the machine's cores are shared
-        allowed //= max(local_world, 1)
-    torch.set_num_threads(max(allowed, 1))
+    mask = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    seen: list = [None] * world
+    dist.all_gather_object(seen, (socket.gethostname(), mask))
+    sharing = sum(1 for other in seen if other == seen[rank])
+    torch.set_num_threads(max(1, cpu_cores() // sharing))
 
 
 def leave() -> None:

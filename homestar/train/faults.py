@@ -48,9 +48,10 @@ class Squeeze:
     fraction: float = DEFAULT_SQUEEZE_FRACTION
     """Share of the measured step headroom left allocatable after the squeeze, in [0, 1)."""
     headroom: int = 0
-    """Highest max_memory_allocated - memory_allocated seen at a step start so far (bytes)."""
+    """Most GPU memory an earlier step needed above its resting memory (bytes), as the engine
+    reported it (its peak less its memory at the step's end)."""
     seen: int = 0
-    """Step starts of this process observed before `step`."""
+    """Earlier steps of this process whose need was reported."""
 
     def __post_init__(self) -> None:
         if self.step < 2:
@@ -144,23 +145,23 @@ def squeeze_bytes(*, fresh: int, allocatable: int, headroom: int, fraction: floa
     return max(take, 0) // _SEGMENT_ROUND * _SEGMENT_ROUND
 
 
-def maybe_squeeze(step: int, device: str) -> None:
-    """At the start of optimizer step `step` (counted from 1): note the memory the steps so far
-    needed above what is allocated now, and on the chosen step take GPU memory away for good.
-    Unset: one comparison. Cost when set: host-side allocator counters per step, and on the
-    chosen step an empty_cache (a device synchronisation) and one allocation."""
+def maybe_squeeze(step: int, device: str, needed: int | None) -> None:
+    """At the start of optimizer step `step` (counted from 1): note `needed`, what the previous
+    step needed above its resting memory (None: no step before it in this process), and on the
+    chosen step take GPU memory away for good. The figure comes from the engine's own report:
+    engines reset torch's peak counters as they measure, so those cannot be read here.
+    Unset: one comparison. Cost when set: on the chosen step an empty_cache (a device
+    synchronisation) and one allocation."""
     global _squeeze
     if _squeeze is None:
         return
     if not device.startswith("cuda"):
         raise ConfigError(f"{SQUEEZE_ENV} squeezes GPU memory and needs a CUDA run; this run trains on {device}")
-    import torch
-
     spec = _squeeze
-    # host-side counters, no sync
-    spec.headroom = max(spec.headroom, torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated())
-    if step < spec.step:
+    if needed is not None:
+        spec.headroom = max(spec.headroom, needed)
         spec.seen += 1
+    if step < spec.step:
         return
     _squeeze = None
     if step > spec.step:

@@ -80,16 +80,20 @@ class TorchEngine:
             yield self.model
 
     def checkpoint_state(self) -> dict:
-        return self.state_dict()  # already host copies
+        """The live tensors, wherever they are (the writer copies them to the host one at a time)."""
+        return self._export(lambda t: t.detach().float())
 
     def state_dict(self) -> dict:
-        weights = {n: p.detach().float().cpu().clone() for p, n in self.names.items()}
+        return self._export(lambda t: t.detach().float().cpu().clone())
+
+    def _export(self, take) -> dict:
+        weights = {n: take(p) for p, n in self.names.items()}
         exp_avg, exp_avg_sq, step = {}, {}, 0
         for p, n in self.names.items():
             state = self.optimizer.state.get(p)
             if state:
-                exp_avg[n] = state["exp_avg"].detach().cpu().clone()
-                exp_avg_sq[n] = state["exp_avg_sq"].detach().cpu().clone()
+                exp_avg[n] = take(state["exp_avg"])
+                exp_avg_sq[n] = take(state["exp_avg_sq"])
                 step = int(state["step"])
         optimizer = {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
         if self.scaler.is_enabled():

@@ -68,6 +68,8 @@ class Trainer:
         self._last_chunks = -math.inf
         self._last_saved = self.progress.step
         self._process = psutil.Process()
+        self._step_need: int | None = None
+        """GPU bytes the last step needed above its resting memory (None before the first)."""
         faults.arm_from_env()
         self.memory_guard = MemoryGuard(threshold=default_threshold())
 
@@ -119,7 +121,7 @@ class Trainer:
 
     def train_step(self) -> None:
         cfg, step = self.config, self.progress.step
-        faults.maybe_squeeze(step + 1, cfg.device)
+        faults.maybe_squeeze(step + 1, cfg.device, self._step_need)
         t0 = time.perf_counter()
         first = self.stream.batches
         losses = self._recovering(lambda: self._accumulate(first, step + 1))
@@ -134,6 +136,7 @@ class Trainer:
         self.progress.data = self.stream.state_dict()
         tok_s = cfg.tokens_per_step / elapsed
         memory = self.engine.memory()
+        self._step_need = int(memory["gpu_peak"] - memory["gpu_mem"])  # above resting: sizes a test squeeze
         self.emit(ev.Step(time=self._now(), step=self.progress.step, loss=loss, lr=lr, tokens=self.progress.tokens,
                           tok_s=tok_s, tflops=tok_s * self.flops_per_token / 1e12, gpu_mem=memory["gpu_peak"],
                           cpu_mem=float(self._process.memory_info().rss), grad_norm=report.grad_norm,

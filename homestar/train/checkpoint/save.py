@@ -141,17 +141,18 @@ def _write(tmp: Path, step: int, engine_state: dict, trainer_state: dict) -> Non
 
 def _write_shard(tmp: Path, engine_state: dict, weights_name: str, moments_name: str) -> tuple[dict, dict]:
     """This process's weights and moments, fsynced; returns the optimizer state left to record and
-    the two files' manifest entries (hashed here, by the writer, while they are in the page cache)."""
+    the two files' manifest entries (hashed by the writer as it wrote them)."""
     optimizer = dict(engine_state["optimizer"])
     moments = {f"exp_avg/{n}": t for n, t in optimizer.pop("exp_avg").items()}
     moments.update({f"exp_avg_sq/{n}": t for n, t in optimizer.pop("exp_avg_sq").items()})
-    write_tensors(tmp / weights_name, engine_state["weights"])  # one tensor staged at a time
+    # one tensor staged at a time, each file hashed as it is written (not read back)
+    described = {weights_name: write_tensors(tmp / weights_name, engine_state["weights"])}
     faults.reach("checkpoint-file")
-    write_tensors(tmp / moments_name, moments)
+    described[moments_name] = write_tensors(tmp / moments_name, moments)
     faults.reach("checkpoint-file")
     for name in (weights_name, moments_name):
         layout.fsync(tmp / name)
-    return optimizer, {name: layout.describe(tmp / name) for name in (weights_name, moments_name)}
+    return optimizer, described
 
 
 def _save_failed(step: int, root: Path, exc: BaseException) -> str:
