@@ -140,6 +140,12 @@ class ChunkedEngine:
         valid until the next step), so the writer stages one tensor at a time, not all of them."""
         return self._export(device_views=True)
 
+    def owned_names(self) -> set[str] | None:
+        """Names of the parameters whose optimizer state this rank keeps (its groups'); None on
+        one process: all of them."""
+        comm = self.adamw.collective
+        return None if not comm.active else {info.name for info in self.table if comm.owns(info.group.index)}
+
     def _export(self, *, device_views: bool) -> dict:
         comm = self.adamw.collective
         keep = None if not comm.active else (lambda info: comm.owns(info.group.index))

@@ -47,9 +47,9 @@ def build_model(config: RunConfig):
     same values, as the runtime packs it, so the whole fp32 model never sits in host memory."""
     from homestar.model import GPT, GPTConfig
 
-    torch.manual_seed(config.seed)
     shape = GPTConfig(**config.model)
     if config.runtime == "torch":
+        torch.manual_seed(config.seed)
         return GPT(shape, checkpoint_activations=config.activation_checkpointing)
     with torch.device("meta"):
         return GPT(shape, checkpoint_activations=config.activation_checkpointing)

@@ -50,6 +50,9 @@ class Engine(Protocol):
         tensors may share memory with the engine (valid until its next step or load), as
         `nn.Module.state_dict`'s do: clone what must outlive that."""
 
+    def owned_names(self) -> set[str] | None:
+        """Names of the parameters whose optimizer state this process keeps; None: all."""
+
     def checkpoint_state(self) -> dict:
         """`state_dict()` for the checkpoint writer, whose tensors may also live on the device
         (the writer copies them to the host one at a time)."""

@@ -241,6 +241,9 @@ def resume_run(run_dir: Path, sinks: list, *, steps: int | None = None) -> Sessi
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir} is not a folder")
     config = RunConfig.load(run_dir)
+    target = config.steps if steps is None else steps
+    if target < 1:  # before anything is built
+        raise ConfigError(f"--steps must be a positive whole number, got {target}")
     ranks = _join(config)
     lock = RunLock(run_dir)  # acquired by rank 0 alone, for all; releasing an unacquired one does nothing
     if ranks.main:
@@ -252,15 +255,12 @@ def resume_run(run_dir: Path, sinks: list, *, steps: int | None = None) -> Sessi
         engine = _distributed_engine(config, model, ranks)  # first: it says which moments this rank keeps
         loaded = None
         if ranks.broadcast(bool(list_checkpoints(run_dir)) if ranks.main else None):  # one answer for all
-            loaded = load_latest(run_dir, ranks=ranks, wants=_kept_moments(engine, ranks))
+            loaded = load_latest(run_dir, ranks=ranks, wants=engine.owned_names())
         progress = Progress()
         if loaded is not None:
             trainer_state = loaded[1]
             progress = Progress(step=int(trainer_state["step"]), tokens=int(trainer_state.get("tokens", 0)),
                                 data=dict(trainer_state.get("data", {})))
-        target = config.steps if steps is None else steps
-        if target < 1:
-            raise ConfigError(f"--steps must be a positive whole number, got {target}")
         if target <= progress.step:
             raise ConfigError(f"{run_dir.name} is already at step {progress.step}; pass --steps N with N above it")
         if loaded is not None:
@@ -282,14 +282,6 @@ def resume_run(run_dir: Path, sinks: list, *, steps: int | None = None) -> Sessi
         lock.release()
         raise
     return _session(config, run_dir, engine, model, data, sinks, lock, progress, resumed=True, ranks=ranks)
-
-
-def _kept_moments(engine, ranks: Ranks) -> set[str] | None:
-    """Names of the parameters whose Adam moments this rank keeps (those of the chunk groups it
-    owns), so that a resume reads no other rank's moments; None (all of them) on one process."""
-    if ranks.world == 1:
-        return None
-    return {info.name for info in engine.table if info.group.has_state}
 
 
 def _load_init_weights(engine, config: RunConfig) -> None:

@@ -79,6 +79,9 @@ class TorchEngine:
         with torch.no_grad(), autocast_context(self.device, self.precision):
             yield self.model
 
+    def owned_names(self) -> None:
+        return None  # one process: every parameter's state is here
+
     def checkpoint_state(self) -> dict:
         """The live tensors, wherever they are (the writer copies them to the host one at a time)."""
         return self._export(lambda t: t.detach().float())
