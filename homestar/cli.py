@@ -186,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if not is_out_of_memory(exc):
             raise
-        print(f"homestar: error: out of GPU memory ({first_line(exc, 200)}); the run keeps its last checkpoint "
-              "(try a smaller --micro-batch or --gpu-mem-gib)", file=sys.stderr)
+        host = any(word in str(exc).lower() for word in ("pinned", "cudahost"))  # page-locked host memory
+        where, hint = ("host", "--cpu-mem-gib or preset") if host else ("GPU", "--gpu-mem-gib")
+        print(f"homestar: error: out of {where} memory ({first_line(exc, 200)}); the run keeps its last checkpoint "
+              f"(try a smaller --micro-batch or {hint})", file=sys.stderr)
         return 3
 
 

@@ -263,3 +263,18 @@ def test_unset_squeeze_does_nothing(monkeypatch):
     monkeypatch.delenv(SQUEEZE_ENV, raising=False)
     faults.arm_from_env()
     faults.maybe_squeeze(1, "cpu", None)  # no CUDA touched, no error
+
+
+def test_a_pinned_host_allocation_failure_is_called_host_memory(monkeypatch, capsys):
+    """Page-locked host memory running out is reported as host memory, with the host's flag."""
+    import torch
+
+    import homestar.cli as cli
+
+    def fail(args):
+        raise torch.OutOfMemoryError("could not lock 512 MiB of pinned memory (cudaHostRegister error 2)")
+
+    monkeypatch.setattr(cli, "_plan", fail)  # the command fails as an engine's pinned allocation would
+    code = main(["plan"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 3 and len(err) == 1 and "out of host memory" in err[0] and "--cpu-mem-gib" in err[0]
