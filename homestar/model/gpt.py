@@ -26,9 +26,10 @@ LN_EPS = 1e-5
 _INIT_STD = 0.02
 CE_SLICE_ELEMS = 1 << 25
 """Logit elements upcast to fp32 at once by the loss: 32 M elements, a 128 MiB transient."""
-INIT_SLICE_ELEMS = 1 << 24
-"""Elements drawn by one generator at init: every 16 M-element piece of a weight has its own
-seed, so the pieces are drawn on all cores at once and the draw does not depend on their number."""
+INIT_SLICE_ELEMS = 1 << 20
+"""Elements drawn by one generator at init: every 1 M-element piece of a weight has its own seed,
+so the pieces are drawn on all cores at once (also when the chunk runtime makes one parameter at
+a time: a 4096 x 16384 weight is 64 pieces) and the draw does not depend on their number."""
 
 
 class LayerNorm(nn.LayerNorm):
