@@ -269,7 +269,7 @@ case "${1:-}" in
     python "$HELPER" ratio "$OUT" 2proc 1proc-half ;;
   dist-largest)
     for preset in $LARGEST; do
-      left=$(( 540 - ($(date +%s) - T0) ))  # a timed-out torchrun takes up to 45 s more to stop
+      left=$(( ${LARGEST_BUDGET:-540} - ($(date +%s) - T0) ))  # a timed-out torchrun takes up to 45 s more to stop
       [ "$left" -lt 120 ] && { say "no time left for $preset"; break; }
       limit=$(( left < 360 ? left : 360 ))
       train_run "2proc-$preset" "$limit" 2 "$preset" 3 1 && break

@@ -128,8 +128,9 @@ def _measure_steps(request: BenchRequest) -> BenchResult:
     optim = OptimConfig(lr=preset.train.lr, weight_decay=preset.train.weight_decay, grad_clip=preset.train.grad_clip)
     try:
         if device == "cuda" and request.gpu_mem_gib:
-            total = torch.cuda.get_device_properties(0).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, request.gpu_mem_gib * GIB / total))
+            from homestar.runtime.cuda import cap_allocator
+
+            cap_allocator(int(request.gpu_mem_gib * GIB))
         torch.manual_seed(0)
         if request.system == "torch":
             model = GPT(config, checkpoint_activations=checkpointing)

@@ -82,3 +82,34 @@ def test_bf16_grad_chunks_on_one_process_fp32_across_several(world, expected):
     host_grad_bytes = sum(g.grad.nbytes for g in engine.groups)
     assert host_grad_bytes == expected.itemsize * sum(g.grad.numel for g in engine.groups)
     engine.close()
+
+
+def test_chunk_groups_are_owned_by_size_not_by_index():
+    from homestar.runtime.collectives import Collective
+
+    comm = Collective(rank=0, world=2)
+    comm.balance([10, 4, 4, 4, 4, 4])  # each to the rank owning fewer elements so far
+    assert [comm.owner(i) for i in range(6)] == [0, 1, 1, 1, 0, 1]
+    # chunks that alternate small and large (a layer's attention, then its MLP weight): by index
+    # one rank would own every large one
+    sizes = [26, 105] * 20
+    comm.balance(sizes)
+    loads = [sum(s for i, s in enumerate(sizes) if comm.owner(i) == r) for r in range(2)]
+    assert max(loads) <= 1.05 * min(loads)
+    assert [i % 2 for i in range(len(sizes))] != [comm.owner(i) for i in range(len(sizes))]
+
+
+def test_every_rank_derives_the_same_owners_from_the_layout():
+    from homestar.runtime.collectives import Collective
+
+    config = RuntimeConfig(device="cpu", precision="fp32", chunk_elems=1 << 12)
+    engines = []
+    for rank in range(2):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=VOCAB, seq_len=SEQ, n_layer=2, n_head=2, d_model=32))
+        engines.append(attach(model, config, OptimConfig(lr=1e-3), collective=Collective(rank=rank, world=2)))
+    owners = [e.collective.owners for e in engines]
+    assert owners[0] == owners[1] and set(owners[0]) == {0, 1}
+    for rank, engine in enumerate(engines):  # moments exist exactly for the groups this rank owns
+        assert [g.has_state for g in engine.groups] == [o == rank for o in owners[0]]
+        engine.close()

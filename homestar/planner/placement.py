@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 from homestar.errors import BudgetError
 from homestar.planner.memory import WORKING_RESERVE, Estimate
+from homestar.runtime.config import NONMODEL_HEADROOM
 from homestar.runtime.homes import GroupBytes, plan_homes, working_set
+from homestar.runtime.memory import allocator_slack
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -110,6 +112,7 @@ def _fit_cpu(est: Estimate, simulated: int | None, host_budget: int) -> Fit | No
 def _fit_cuda(est: Estimate, gpu_budget: int, host_budget: int, runtime_budget: int) -> Fit | None:
     groups, n = list(est.data.groups), est.data.n_chunks
     gpu_cap = gpu_budget - est.context
+    gpu_cap -= allocator_slack(gpu_cap)  # as `DeviceSpace.usable` on CUDA
     # The runtime's own check counts two param chunks and one grad chunk; reserve the prefetched
     # and draining ones too, so a plan that fits also overlaps its transfers.
     reserve = est.nonmodel + max(0, est.chunks_in_use() - working_set(groups, [False] * n))
@@ -135,8 +138,9 @@ def steady_state(est: Estimate, *, cpu_cap: float, gpu_cap: int) -> tuple[list[b
     (allocator bytes) and host chunk budget `cpu_cap`: (homes, cached param bytes, peak); None
     when the runtime would refuse.
 
-    Its rules (`engine._replan`, `homes.plan_homes` with fill, `placement`): with the measured
-    non-model peak (here `est.nonmodel`), every host-homed param chunk counted as cached and
+    Its rules (`engine._replan`, `homes.plan_homes` with fill, `placement`): under its budget
+    less the allocator's slack (CUDA), with the measured non-model peak (here `est.nonmodel`)
+    plus the runtime's headroom over it, every host-homed param chunk counted as cached and
     one grad chunk in flight, groups whose whole state fits the margin left move onto the
     device; host-homed param chunks stay cached, whole, while there is room (eviction only when
     room is needed). So the peak, at backward's largest non-model moment, is non-model memory
@@ -146,8 +150,9 @@ def steady_state(est: Estimate, *, cpu_cap: float, gpu_cap: int) -> tuple[list[b
     step holds the device groups, the cache and the fp32 buffer bf16 grads are widened into,
     without activations; the warm-up before the re-plan holds less. On the simulated device
     this is the runtime's accounted peak to the byte (tests/test_planner.py). On CUDA torch's
-    reserved bytes add their own rounding on top (not modelled), and never pass the cap
-    `--gpu-mem-gib` sets (`set_per_process_memory_fraction`).
+    reserved bytes add their own rounding and cached blocks on top (not modelled: a streaming
+    model's reserved peak ends near the cap `--gpu-mem-gib` sets, 4-6% above this figure at
+    8 GiB; BENCHMARKS.md).
 
     Checked against `homestar bench` on an H200 (`--gpu-mem-gib 8`, torch's reserved peak):
     350m at micro-batch 16, chunks of 71.6M: predicted 7.53 GiB, measured 7.80 (x1.04); 1.3b
@@ -155,15 +160,17 @@ def steady_state(est: Estimate, *, cpu_cap: float, gpu_cap: int) -> tuple[list[b
     measured before this rule was written (the plan then said 6.80 for both).
     """
     groups = list(est.data.groups)
+    usable = gpu_cap - (allocator_slack(gpu_cap) if est.device == "cuda" else 0)  # as `DeviceSpace.usable`
+    reserve = int(est.nonmodel * (1 + NONMODEL_HEADROOM))  # what the runtime sets aside for activations
     try:
-        homes = plan_homes(groups, gpu_cap=gpu_cap, cpu_cap=cpu_cap, nonmodel=est.nonmodel, policy="auto", fill=True,
+        homes = plan_homes(groups, gpu_cap=usable, cpu_cap=cpu_cap, nonmodel=reserve, policy="auto", fill=True,
                            step_set=est.stream_staging())
     except BudgetError:
         return None
     homed = sum(g.total for g, dev in zip(groups, homes) if dev)
     hosted = [g for g, dev in zip(groups, homes) if not dev]
     in_flight = max((g.grad for g in hosted), default=0)
-    room = gpu_cap - est.nonmodel - homed - in_flight
+    room = usable - reserve - homed - in_flight
     cached = 0
     for group in hosted:  # whole chunks: a chunk is cached entirely or not at all
         if cached + group.param <= room:

@@ -5,7 +5,8 @@ Steps: list the parameters once each (tied ones under their first name), choose 
 in both budgets), allocate every chunk in its home, copy each parameter in (fp32 master, cast
 param copy), then point the parameters at NaN placeholders so the original tensors are freed as
 the copy proceeds. Given a `Collective` of several ranks (group-owner ZeRO), this rank allocates
-fp32 master and Adam moment chunks only for the groups it owns (group g: rank g % world) and
+fp32 master and Adam moment chunks only for the groups it owns (shared out by size:
+`Collective.balance`) and
 plans its budgets for those alone; param and grad chunks exist for every group (compute reads
 every param, and each grad chunk is accumulated here before it is reduced onto its owner). A model built on the meta device is initialised one parameter at a time
 through `init_fn(name, tensor)`, so no full fp32 copy ever exists outside the chunks. Buffers
@@ -62,7 +63,7 @@ def attach(
     host = HostMemory(config.cpu_budget_bytes, pin=config.device == "cuda")
     layout, group_bytes = plan_chunks([(name, p.numel()) for name, p in named], config, device.budget, comm)
     homes = plan_homes(
-        group_bytes, gpu_cap=_cap(device.budget), cpu_cap=_cap(host.budget),
+        group_bytes, gpu_cap=device.usable, cpu_cap=_cap(host.budget),
         nonmodel=config.nonmodel_estimate_bytes or 0, policy=config.optimizer_placement, fill=False,
     )
     groups, chunks = _make_groups(layout, config, homes, comm)
@@ -116,9 +117,10 @@ def _device_space(config: RuntimeConfig) -> DeviceSpace:
 def plan_chunks(sizes: list[tuple[str, int]], config: RuntimeConfig, budget: int | None,
                 collective: Collective | None = None) -> tuple[Layout, list[GroupBytes]]:
     """The layout attach uses for (name, numel) pairs under a device budget, and each chunk
-    group's bytes on `collective`'s rank (optimizer state only for owned groups); allocates nothing. The configured chunk size, or the least-waste size under a
-    cap derived from the budget (a parameter above the cap, such as a large embedding, gets a
-    chunk of its own)."""
+    group's bytes on `collective`'s rank (optimizer state only for owned groups; the layout sets
+    `collective`'s owners); allocates nothing. The configured chunk size, or the least-waste size
+    under a cap derived from the budget (a parameter above the cap, such as a large embedding,
+    gets a chunk of its own)."""
     comm = collective or Collective()
     config = _for_ranks(config, comm)
     if config.chunk_elems is not None:
@@ -128,8 +130,12 @@ def plan_chunks(sizes: list[tuple[str, int]], config: RuntimeConfig, budget: int
         floor = min(1 << 20, max((n for _, n in sizes), default=1))
         cap = None if budget is None else max_chunk_elems(budget, bytes_per_elem=working_set_bytes_per_elem(config),
                                                          floor=floor)
-        chunk_elems = choose_chunk_elems(sizes, align=config.align_elems, max_elems=cap)
+        # the cap may stretch a little past a parameter it matches, unless it is the floor (a
+        # budget so small that the working set at the cap already takes more than its 1/8)
+        chunk_elems = choose_chunk_elems(sizes, align=config.align_elems, max_elems=cap,
+                                         stretch=cap is not None and cap > floor)
     layout = plan_layout(sizes, chunk_elems, align=config.align_elems, oversize=True)
+    comm.balance([layout.chunk_numel(i) for i in range(layout.n_chunks)])  # who owns each group
     return layout, _group_bytes(layout, config, comm)
 
 

@@ -16,6 +16,10 @@ _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 _PLACEMENTS = ("auto", "host", "device")
 
 
+NONMODEL_HEADROOM = 0.05
+"""The default `RuntimeConfig.nonmodel_headroom` (the planner reserves the same)."""
+
+
 @dataclass(kw_only=True, slots=True)
 class RuntimeConfig:
     """How the runtime places chunks and computes."""
@@ -57,7 +61,7 @@ class RuntimeConfig:
     measured rates from step to step; on the simulated device 0."""
     prefetch_depth: int = 2
     """How many upcoming chunk accesses (in trace order) may be fetched ahead of use."""
-    nonmodel_headroom: float = 0.05
+    nonmodel_headroom: float = NONMODEL_HEADROOM
     """Fraction added to the measured non-model memory when budgeting the device. The trace
     holds the allocator's peak between moments and its unreleasable split blocks, but a replay
     can peak a little above its recording (seen: 2.7b at micro-batch 8 under an 8 GiB cap ran

@@ -17,9 +17,20 @@ from typing import Any
 
 import torch
 
-from homestar.runtime.memory import DeviceSpace
+from homestar.runtime.memory import DeviceSpace, allocator_slack
 
 _ALLOC_CONF = "PYTORCH_CUDA_ALLOC_CONF"
+_MAPPING_STEP = 20 << 20
+"""Growable segments map device memory in steps of this size (torch's large-block size)."""
+
+
+def cap_allocator(nbytes: int) -> None:
+    """Make torch's caching allocator refuse memory beyond `nbytes`, as a card of that size
+    would. The fraction is set one mapping step lower: growable segments map memory in 20 MiB
+    steps and were seen holding a few MiB past the fraction (8.01 GiB reserved under a fraction
+    of exactly 8 GiB, the 6.7b preset)."""
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, max(nbytes - _MAPPING_STEP, 0) / total))
 
 
 class PinnedHost:
@@ -73,6 +84,7 @@ class CudaDevice(DeviceSpace):
             free, _ = torch.cuda.mem_get_info(device)
             budget = int(free) + torch.cuda.memory_allocated(device)
         super().__init__(device, budget)
+        self.slack = allocator_slack(budget)
         self._low = 0
         """Lowest chunk bytes since the window opened (chunks freed inside a window)."""
         self._reserved_peak = 0
@@ -167,6 +179,9 @@ class CudaDevice(DeviceSpace):
 
     def allocator_peak(self) -> int:
         return max(self._reserved_peak, torch.cuda.max_memory_reserved(self.device))
+
+    def allocator_held(self) -> int:
+        return torch.cuda.memory_reserved(self.device)
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)  # full sync: state export and close only

@@ -191,6 +191,7 @@ class ChunkedEngine:
                 self.adamw.collective.rank, self.adamw.collective.world):
             raise ValueError(f"this engine holds optimizer state for rank {self.adamw.collective.rank} of "
                              f"{self.adamw.collective.world}, not rank {collective.rank} of {collective.world}")
+        collective.balance([g.grad.numel for g in self.groups])  # the owners attach chose, on every rank
         self.adamw.collective = collective
         self._update_resident()
 
@@ -254,6 +255,7 @@ class ChunkedEngine:
         return (
             f"the device ran out of memory: {fmt_bytes(device.used)} of chunks, "
             f"{fmt_bytes(self.tracer.run_peak)} of activations and workspace measured so far, "
+            f"{fmt_bytes(device.allocator_held())} held by the allocator, "
             f"budget {fmt_bytes(device.budget or 0)}; lower the micro-batch or raise the budget"
         )
 
@@ -264,7 +266,7 @@ class ChunkedEngine:
         nonmodel = int(peak * (1.0 + self.config.nonmodel_headroom))
         wanted = plan_homes(
             self._group_bytes,
-            gpu_cap=_cap(self.placement.device.budget),
+            gpu_cap=self.placement.device.usable,
             cpu_cap=_cap(self.host.budget),
             nonmodel=nonmodel,
             policy=self.config.optimizer_placement,

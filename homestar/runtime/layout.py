@@ -96,7 +96,7 @@ def plan_layout(
 
 def choose_chunk_elems(
     named_sizes: list[tuple[str, int]], *, candidates: list[int] | None = None, align: int = 64,
-    max_elems: int | None = None,
+    max_elems: int | None = None, stretch: bool = True,
 ) -> int:
     """The candidate chunk size with the least waste (ties: the smallest).
 
@@ -104,7 +104,8 @@ def choose_chunk_elems(
     a multiple of `align`; a chunk must hold the largest parameter. With `max_elems` (a cap
     derived from the device budget), parameters above the cap are left to chunks of their own
     (`plan_layout(..., oversize=True)`), the candidates run from the largest parameter under the
-    cap up to the cap, and waste is counted with the oversized chunks.
+    cap up to the cap (or, with `stretch`, a quarter above that parameter when the cap is closer
+    to it), and waste is counted with the oversized chunks.
     """
     if not named_sizes:
         raise ConfigError("a model without parameters cannot be chunked")
@@ -115,9 +116,13 @@ def choose_chunk_elems(
     largest = max(n for n in numels if n <= max_elems) if oversize and min(numels) <= max_elems else max(numels)
     if candidates is None:
         base = _round_up(largest, align)
-        span = base if not oversize else max(max_elems - base, 0)
+        # The cap binds even with nothing oversized, but never below a quarter above the largest
+        # parameter it holds: a cap at that parameter's size would leave it alone in its chunk and
+        # push each small neighbour into a chunk of its own (up to 1.6x padding for a GPT whose MLP
+        # weight matches the cap).
+        limit = None if max_elems is None else max(base + base // 4 if stretch else base, max_elems)
+        span = base if not oversize else limit - base
         step = max(align, _round_up(span // 64, align))
-        limit = None if max_elems is None else max(base, max_elems)  # the cap binds even with nothing oversized
         candidates = [base + k * step for k in range(65) if limit is None or base + k * step <= limit]
     fitting = [c for c in candidates if c >= largest]
     if not fitting:

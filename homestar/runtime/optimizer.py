@@ -96,9 +96,13 @@ class ChunkAdamW:
         if scaler is not None:
             for tensors in _by_device(grad_list).values():
                 torch._foreach_mul_(tensors, scaler.inv_scale)
-        # the norms taken at write-back hold for these grads unless the step changed them since
-        # (unscaled above, or summed over ranks in _stage_grads)
-        cached = self._norms if scaler is None and not comm.active else {}
+        # the norms taken at write-back hold for these grads unless the step changed them since:
+        # unscaled above, or summed over ranks in _stage_grads (a group summed during backward
+        # was written back, and normed, as its sum)
+        cached = {} if scaler is not None else self._norms
+        if comm.active:
+            cached = {info.index: cached[info.index] for group in self._reduced
+                      for info in self._infos_of[group] if info.index in cached}
         total = self._total_norm(owned_infos, grads, cached)
         if comm.active:  # the global norm: squares of the owners' norms summed over ranks (a sync)
             total = comm.all_reduce_sum((total.float() ** 2).reshape(1)).sqrt().reshape(())
@@ -144,19 +148,28 @@ class ChunkAdamW:
         return grads
 
     def _share_params(self, by_group: dict[int, list[ParamInfo]]) -> None:
-        """Broadcast each updated group's param chunk from its owner; two in flight at once, so
-        the copy of one overlaps the staging of the next while holding at most two chunks."""
-        in_flight: list = []
+        """Broadcast each updated group's param chunk from its owner. Nothing blocks the host
+        per group: a broadcast is issued (the owner's upload queued before it), the one before
+        it lands (its copy home queued behind it) and the host waits only for the copy issued
+        two groups earlier, so owners' uploads, the broadcasts and the others' copies home of
+        neighbouring groups overlap, with at most three staged chunks alive."""
+        issued: list = []
+        landed: list = []
         for index, infos in by_group.items():
             chunk = self.groups[index].param
-            in_flight.append((self.collective.broadcast_from_owner(self._hold(chunk, infos), index), chunk, infos))
-            if len(in_flight) > 1:
-                self._land(*in_flight.pop(0))
-        for item in in_flight:
-            self._land(*item)
+            issued.append((self.collective.broadcast_from_owner(self._hold(chunk, infos), index), chunk, infos))
+            if len(issued) > 1:
+                landed.append(issued.pop(0))
+                landed[-1][0].land()
+            if len(landed) > 2:
+                self._settle(*landed.pop(0))
+        for item in issued:
+            item[0].land()
+        for item in landed + issued:
+            self._settle(*item)
 
-    def _land(self, work, chunk: Chunk, infos: list[ParamInfo]) -> None:
-        work.wait()
+    def _settle(self, work, chunk: Chunk, infos: list[ParamInfo]) -> None:
+        work.settle()  # sync: this chunk's host copy is complete before anything may read it
         self._let_go(chunk, infos)
 
     def _total_norm(self, infos: list[ParamInfo], grads: dict[int, torch.Tensor],

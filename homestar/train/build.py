@@ -13,6 +13,7 @@ import torch
 
 from homestar.errors import ConfigError
 from homestar.optim import OptimConfig
+from homestar.runtime.cuda import cap_allocator
 from homestar.train.config import RunConfig
 
 GIB = 2**30
@@ -63,7 +64,7 @@ def cap_gpu_memory(config: RunConfig) -> None:
     wanted = config.gpu_mem_gib * GIB
     if wanted > total:
         raise ConfigError(f"--gpu-mem-gib {config.gpu_mem_gib} is more than this GPU has ({total / GIB:.1f} GiB)")
-    torch.cuda.set_per_process_memory_fraction(wanted / total)
+    cap_allocator(int(wanted))
 
 
 def build_engine(config: RunConfig, model, collective=None):
