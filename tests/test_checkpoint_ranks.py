@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import homestar.train.checkpoint as ckpt
-from homestar.train.checkpoint import layout, load, save
+from homestar.train.checkpoint import layout, save, tensor_file
 from homestar.train.distributed import Ranks
 from train_helpers import make_corpus, step_losses
 
@@ -43,6 +43,18 @@ def _shard(state: dict, names: list[str]) -> dict:
                           "exp_avg_sq": {n: opt["exp_avg_sq"][n] for n in names}}}
 
 
+def _read_all(state: dict) -> dict:
+    """The state with every (lazily read) mapping made a dict: each tensor read from its file."""
+    opt = state["optimizer"]
+    return {"weights": dict(state["weights"]),
+            "optimizer": {**opt, "exp_avg": dict(opt["exp_avg"]), "exp_avg_sq": dict(opt["exp_avg_sq"])}}
+
+
+def _moment_files(read: list[str]) -> list[str]:
+    """The moment files among those read, each once, in first-read order."""
+    return list(dict.fromkeys(f for f in read if f.startswith("optimizer")))
+
+
 def _spy(module, name: str, calls: list) -> None:
     """Record the file name each call of `module`.`name` is given (this process alone)."""
     real = getattr(module, name)
@@ -62,17 +74,19 @@ def _rank(rank: int, init: str, tmp: Path, out: dict) -> None:
         hashed, read = [], []
         _spy(layout, "describe", hashed)
         _spy(save, "write_tensors", hashed)  # the shard writer hashes what it writes
-        _spy(load, "_tensors", read)
+        _spy(tensor_file, "_reading", read)  # every header or tensor read of a loaded state
         for step in (1, 2):
             ckpt.save_checkpoint(tmp / "two", step, _shard(_full(step), sorted(mine)), {"data": {}, "tokens": step},
                                  ranks=ranks)
         out[rank, "save"] = list(hashed)
         hashed.clear()
         engine_state, trainer_state = ckpt.load_latest(tmp / "two", ranks=ranks, wants=mine)
-        out[rank, "load"] = (list(hashed), list(read), engine_state, trainer_state["step"])
+        engine_state = _read_all(engine_state)  # the tensors are read from their files here
+        out[rank, "load"] = (list(hashed), _moment_files(read), engine_state, trainer_state["step"])
         hashed.clear()
         read.clear()
-        out[rank, "from one"] = (ckpt.load_latest(tmp / "one", ranks=ranks, wants=mine)[0], list(read))
+        engine_state = _read_all(ckpt.load_latest(tmp / "one", ranks=ranks, wants=mine)[0])
+        out[rank, "from one"] = (engine_state, _moment_files(read))
         ranks.barrier()
         if rank == 0:  # rank 1's moments of step 2: same size, wrong bytes
             damaged = tmp / "two" / "checkpoints" / "step_0000002" / "optimizer-00001-of-00002.safetensors"

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from homestar.train.checkpoint.layout import describe
-from homestar.train.checkpoint.tensor_file import write_tensors
+from homestar.train.checkpoint.tensor_file import LazyTensors, write_tensors
 from runtime_helpers import Setup, attach_copy, batches, make_model, one_thread  # noqa: F401
 
 
@@ -58,3 +58,20 @@ def test_device_homed_chunks_are_exported_as_views_not_copies(monkeypatch):
     for name, tensor in plain["weights"].items():
         assert torch.equal(tensor, streamed["weights"][name])
     engine.close()
+
+
+def test_lazy_tensors_read_each_tensor_from_its_file_when_asked(tmp_path):
+    a, b = torch.arange(6.0).reshape(2, 3), torch.ones(4, dtype=torch.bfloat16)
+    write_tensors(tmp_path / "m.safetensors", {"exp_avg/a": a, "exp_avg/b": b, "exp_avg_sq/a": a * a})
+    write_tensors(tmp_path / "w.safetensors", {"a": a})
+    lazy = LazyTensors.of_files([(tmp_path / "m.safetensors", {"exp_avg/a", "exp_avg_sq/a"}),
+                                 (tmp_path / "w.safetensors", None)])
+    assert sorted(lazy) == ["a", "exp_avg/a", "exp_avg_sq/a"] and "exp_avg/b" not in lazy
+    first = lazy.under("exp_avg")
+    assert list(first) == ["a"] and first.shape_of("a") == (2, 3)
+    assert torch.equal(first["a"], a) and torch.equal(lazy.under("exp_avg_sq")["a"], a * a)
+    assert first["a"] is not first["a"]  # read afresh each time: nothing is kept
+    (tmp_path / "w.safetensors").unlink()  # a file gone since its header was read
+    with pytest.raises(OSError) as info:
+        lazy["a"]
+    assert info.value.filename.endswith("w.safetensors")

@@ -1,7 +1,8 @@
 """Converting chunk contents to and from the canonical checkpoint form.
 
 Canonical state is what every engine saves and loads: {"weights": {name: fp32 CPU tensor},
-"optimizer": {"step": int, "exp_avg": {name: ...}, "exp_avg_sq": {name: ...}, extras}}, names as
+"optimizer": {"step": int, "exp_avg": {name: ...}, "exp_avg_sq": {name: ...}, extras}} (any
+mappings: a loaded checkpoint's read each tensor from its file when asked, once), names as
 `model.named_parameters()` lists them (tied parameters once). Moments appear for parameters
 that have optimizer state (torch's rule: a parameter that never had a gradient has none).
 Extras: "param_steps" when parameters' step counts differ, the fp16 loss scale, the CPU/GPU split
@@ -13,7 +14,7 @@ Knows nothing of files, models or the trainer.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -68,7 +69,7 @@ def export_state(table: ParamTable, adamw: ChunkAdamW, placement: Placement, sca
 
 def import_state(state: dict, table: ParamTable, adamw: ChunkAdamW, placement: Placement, scaler: LossScaler | None) -> None:
     weights = state.get("weights")
-    if not isinstance(weights, dict):
+    if not isinstance(weights, Mapping):
         raise CheckpointError("checkpoint state has no 'weights'")
     _check_names(weights, table)
     optimizer = state.get("optimizer") or {}
@@ -77,9 +78,10 @@ def import_state(state: dict, table: ParamTable, adamw: ChunkAdamW, placement: P
     param_steps = optimizer.get("param_steps", {})
     for info in table:
         group = info.group
-        _write(placement, group.master, info, weights[info.name])
+        value = weights[info.name]  # may be read from a file now (a lazy mapping): once, then dropped
+        _write(placement, group.master, info, value)
         if group.param is not group.master:
-            _write(placement, group.param, info, weights[info.name])
+            _write(placement, group.param, info, value)
         if not group.has_state:
             continue  # another rank owns the group: its master and moments live there
         has_state = info.name in exp_avg and info.name in exp_avg_sq
@@ -103,12 +105,13 @@ def _write(placement: Placement, chunk: Chunk, info, value: torch.Tensor | None)
         placement.move(chunk, info.index, Move.FILL)
 
 
-def _check_names(weights: dict, table: ParamTable) -> None:
+def _check_names(weights: Mapping, table: ParamTable) -> None:
     expected = {info.name: info.shape for info in table}
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
     if missing or extra:
         raise CheckpointError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    shape_of = getattr(weights, "shape_of", None) or (lambda name: weights[name].shape)  # lazy: from headers
     for name, shape in expected.items():
-        if tuple(weights[name].shape) != tuple(shape):
-            raise CheckpointError(f"checkpoint weight {name} has shape {tuple(weights[name].shape)}, model {tuple(shape)}")
+        if tuple(shape_of(name)) != tuple(shape):
+            raise CheckpointError(f"checkpoint weight {name} has shape {tuple(shape_of(name))}, model {tuple(shape)}")

@@ -268,6 +268,8 @@ def resume_run(run_dir: Path, sinks: list, *, steps: int | None = None) -> Sessi
                 engine.load_state_dict(loaded[0])
             except (KeyError, RuntimeError, ValueError) as exc:
                 raise CheckpointError(f"the checkpoint in {run_dir} does not fit this run's model ({exc})") from None
+            except OSError as exc:  # its tensors are read as they are loaded (verified just before)
+                raise CheckpointError(f"checkpoint file {exc.filename} became unreadable ({exc.strerror})") from None
             restore_rng(loaded[1])
         elif config.init_from:  # stopped before its first checkpoint: start from the folder again
             _load_init_weights(engine, config)

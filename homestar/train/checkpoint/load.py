@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from homestar.errors import CheckpointError
 from homestar.train.checkpoint import layout
+from homestar.train.checkpoint.tensor_file import LazyTensors
 from homestar.train.distributed import Ranks
 from homestar.train.run_files import checkpoint_name, checkpoint_step, list_checkpoints
 
@@ -155,30 +156,18 @@ def _read(path: Path, plan: dict[str, set[str] | None]) -> tuple[dict, dict]:
         if not isinstance(state, dict) or not isinstance(state.get("optimizer"), dict):
             raise ValueError("not a checkpoint state")
         int(state["step"])
-        weights, moments = {}, {}
-        for name, keys in plan.items():
-            current = path / name
-            if name.startswith("model"):
-                weights.update(load_file(current))
-            elif name.startswith("optimizer"):
-                moments.update(_tensors(current, keys))
+        # headers only: each tensor is read when the engine copies it into place (`LazyTensors`)
+        weights = LazyTensors.of_files([(path / n, None) for n in plan if n.startswith("model")])
+        moments = LazyTensors.of_files([(path / n, keys) for n, keys in plan.items() if n.startswith("optimizer")])
         current = path / "rng.safetensors"
         rng = load_file(current)
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        current = getattr(exc, "filename", None) or current  # LazyTensors names the file it read
         raise CheckpointError(f"checkpoint file {current} is unreadable ({type(exc).__name__})") from None
     optimizer = dict(state.pop("optimizer"))
-    optimizer["exp_avg"] = {k.split("/", 1)[1]: v for k, v in moments.items() if k.startswith("exp_avg/")}
-    optimizer["exp_avg_sq"] = {k.split("/", 1)[1]: v for k, v in moments.items() if k.startswith("exp_avg_sq/")}
+    optimizer["exp_avg"], optimizer["exp_avg_sq"] = moments.under("exp_avg"), moments.under("exp_avg_sq")
     state["rng_tensors"] = rng
     return {"weights": weights, "optimizer": optimizer}, state
-
-
-def _tensors(file: Path, keys: set[str] | None) -> dict:
-    """All of a safetensors file, or the named tensors alone (the rest of it is not read)."""
-    if keys is None:
-        return load_file(file)
-    with safe_open(file, framework="pt") as f:
-        return {k: f.get_tensor(k) for k in sorted(keys)}
 
 
 def _attempt(work) -> tuple:

@@ -1,4 +1,4 @@
-"""A safetensors file written one tensor at a time.
+"""Safetensors files written, and read, one tensor at a time.
 
 The header (names, dtypes, shapes, offsets) needs only the tensors' shapes, so it goes first; then
 each tensor's bytes, in the header's order. A tensor on a device (a chunk homed on the GPU) is
@@ -6,16 +6,20 @@ copied to the host only when its turn comes, so writing a checkpoint stages one 
 state at a time instead of every device-homed chunk at once; a contiguous host tensor is written
 from its own memory, without a copy. The bytes are hashed as they are written, so the file need
 not be read back for its manifest entry. The result is an ordinary safetensors file
-(`safetensors.safe_open` reads it). Knows nothing of checkpoints' layout or meaning.
+(`safetensors.safe_open` reads it). `LazyTensors` reads such files back a tensor at a time, when
+each is asked for, so loading a state whole never needs host memory for all of it at once.
+Knows nothing of checkpoints' layout or meaning.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 _DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -59,3 +63,55 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
             if host.numel():
                 put(memoryview(host.reshape(-1).view(torch.uint8).numpy()))
     return {"bytes": size, "sha256": digest.hexdigest()}
+
+
+class LazyTensors(Mapping):
+    """Tensors of safetensors files by name, each read from its file when asked for: a fresh
+    host tensor the caller owns (nothing is kept here), so the caller's peak is one tensor, not
+    the files. `shape_of` reads a header alone. Built from headers only (a few KB per file).
+    A file that became unreadable since raises OSError naming it."""
+
+    def __init__(self, index: dict[str, tuple[Path, str]]) -> None:
+        self._index = index
+        """Name -> (file, the tensor's name in that file)."""
+
+    @classmethod
+    def of_files(cls, files: list[tuple[Path, set[str] | None]]) -> "LazyTensors":
+        """The tensors of each (file, names) pair: all of the file's for None, else those named."""
+        index: dict[str, tuple[Path, str]] = {}
+        for path, names in files:
+            keys = _reading(path, lambda f: list(f.keys()))
+            index.update((key, (path, key)) for key in keys if names is None or key in names)
+        return cls(index)
+
+    def under(self, prefix: str) -> "LazyTensors":
+        """The tensors named "<prefix>/<name>", as "<name>"."""
+        start = f"{prefix}/"
+        return LazyTensors({k[len(start):]: v for k, v in self._index.items() if k.startswith(start)})
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        path, key = self._index[name]
+        return _reading(path, lambda f: f.get_tensor(key))  # cost: reads this tensor's bytes
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        path, key = self._index[name]
+        return tuple(_reading(path, lambda f: f.get_slice(key).get_shape()))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+
+def _reading(path: Path, read):
+    """`read(f)` on the opened file; its failures as OSError whose `filename` is the file."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return read(f)
+    except (SafetensorError, ValueError) as exc:
+        raise OSError(0, f"unreadable ({type(exc).__name__})", str(path)) from None
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno or 0, exc.strerror or str(exc), str(path)) from None
