@@ -63,7 +63,7 @@ def attach(
     host = HostMemory(config.cpu_budget_bytes, pin=config.device == "cuda")
     layout, group_bytes = plan_chunks([(name, p.numel()) for name, p in named], config, device.budget, comm)
     homes = plan_homes(
-        group_bytes, gpu_cap=device.usable, cpu_cap=_cap(host.budget),
+        group_bytes, gpu_cap=device.usable, cpu_cap=_cap(host.budget), slack=device.slack,
         nonmodel=config.nonmodel_estimate_bytes or 0, policy=config.optimizer_placement, fill=False,
     )
     groups, chunks = _make_groups(layout, config, homes, comm)

@@ -267,6 +267,7 @@ class ChunkedEngine:
         wanted = plan_homes(
             self._group_bytes,
             gpu_cap=self.placement.device.usable,
+            slack=self.placement.device.slack,
             cpu_cap=_cap(self.host.budget),
             nonmodel=nonmodel,
             policy=self.config.optimizer_placement,

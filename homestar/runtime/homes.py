@@ -37,11 +37,12 @@ class GroupBytes:
 
 def plan_homes(
     groups: list[GroupBytes], *, gpu_cap: float, cpu_cap: float, nonmodel: int, policy: str, fill: bool,
-    step_set: int = 0,
+    step_set: int = 0, slack: int = 0,
 ) -> list[bool]:
     """True per group that lives on the device. `fill`: also use the measured margin ("auto").
     `step_set`: device bytes the optimizer step needs besides the homed groups (the staging sets
-    of AdamW streamed through the device); activations are gone by then."""
+    of AdamW streamed through the device); activations are gone by then. `gpu_cap` is what may
+    be planned into; `slack`, what the budget keeps beyond it (named in the error only)."""
     home = [policy == "device"] * len(groups)
     host_need = sum(g.total for g, dev in zip(groups, home) if not dev)
     for i in reversed(range(len(groups))):
@@ -53,7 +54,7 @@ def plan_homes(
     homed = sum(g.total for g, dev in zip(groups, home) if dev)
     device_need = homed + max(nonmodel + working_set(groups, home), step_set)
     if host_need > cpu_cap or device_need > gpu_cap:
-        raise BudgetError(_explain(groups, gpu_cap, cpu_cap, nonmodel))
+        raise BudgetError(_explain(groups, gpu_cap, cpu_cap, nonmodel, slack))
     if fill and policy == "auto":
         for i in reversed(range(len(groups))):
             if not home[i]:
@@ -82,14 +83,15 @@ def working_set(groups: list[GroupBytes], home: list[bool]) -> int:
     return params[0] + (params[1] if len(params) > 1 else params[0]) + max(g.grad for g in streamed)
 
 
-def _explain(groups: list[GroupBytes], gpu_cap: float, cpu_cap: float, nonmodel: int) -> str:
+def _explain(groups: list[GroupBytes], gpu_cap: float, cpu_cap: float, nonmodel: int, slack: int) -> str:
     total = sum(g.total for g in groups)
     least = working_set(groups, [False] * len(groups))
     parts = [
         f"the model's chunks (params, grads, fp32 master, Adam moments) need {fmt_bytes(total)}",
         f"host budget {_cap(cpu_cap)}",
-        f"device budget {_cap(gpu_cap)} (at least {fmt_bytes(least)} of it for the working set"
+        f"device budget {_cap(gpu_cap + slack)} (at least {fmt_bytes(least)} of it for the working set"
         + (f", {fmt_bytes(nonmodel)} for activations" if nonmodel else "")
+        + (f", {fmt_bytes(slack)} left to the allocator" if slack else "")
         + ")",
     ]
     return "; ".join(parts) + ": raise a budget, use a smaller model or smaller chunks"
