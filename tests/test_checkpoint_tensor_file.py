@@ -75,3 +75,29 @@ def test_lazy_tensors_read_each_tensor_from_its_file_when_asked(tmp_path):
     with pytest.raises(OSError) as info:
         lazy["a"]
     assert info.value.filename.endswith("w.safetensors")
+
+
+def test_a_resume_reads_each_tensor_of_the_checkpoint_once(tmp_path, monkeypatch):
+    from collections import Counter
+
+    from homestar.train.checkpoint import load_latest, save_checkpoint
+
+    setup = Setup()
+    engine = attach_copy(make_model(setup), setup)
+    (idx, targets), = batches(1, 1)[0]
+    engine.forward_backward(idx, targets, 1.0)
+    engine.step(1e-3)
+    save_checkpoint(tmp_path, 1, engine.checkpoint_state(), {"data": {}, "tokens": 0})
+    reads = Counter()
+    real = LazyTensors.__getitem__
+    monkeypatch.setattr(LazyTensors, "__getitem__",
+                        lambda self, name: reads.update([self._index[name]]) or real(self, name))
+    state, _ = load_latest(tmp_path)
+    fresh = attach_copy(make_model(setup, seed=1), setup)
+    fresh.load_state_dict(state)
+    moments = len(state["optimizer"]["exp_avg"]) + len(state["optimizer"]["exp_avg_sq"])
+    assert len(reads) == len(state["weights"]) + moments > 0 and set(reads.values()) == {1}
+    for name, tensor in engine.state_dict()["weights"].items():
+        assert torch.equal(fresh.state_dict()["weights"][name], tensor)
+    engine.close()
+    fresh.close()

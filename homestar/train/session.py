@@ -264,12 +264,7 @@ def resume_run(run_dir: Path, sinks: list, *, steps: int | None = None) -> Sessi
         if target <= progress.step:
             raise ConfigError(f"{run_dir.name} is already at step {progress.step}; pass --steps N with N above it")
         if loaded is not None:
-            try:
-                engine.load_state_dict(loaded[0])
-            except (KeyError, RuntimeError, ValueError) as exc:
-                raise CheckpointError(f"the checkpoint in {run_dir} does not fit this run's model ({exc})") from None
-            except OSError as exc:  # its tensors are read as they are loaded (verified just before)
-                raise CheckpointError(f"checkpoint file {exc.filename} became unreadable ({exc.strerror})") from None
+            _load_agreed(engine, loaded[0], run_dir, ranks)
             restore_rng(loaded[1])
         elif config.init_from:  # stopped before its first checkpoint: start from the folder again
             _load_init_weights(engine, config)
@@ -284,6 +279,25 @@ def resume_run(run_dir: Path, sinks: list, *, steps: int | None = None) -> Sessi
         lock.release()
         raise
     return _session(config, run_dir, engine, model, data, sinks, lock, progress, resumed=True, ranks=ranks)
+
+
+def _load_agreed(engine, state: dict, run_dir: Path, ranks: Ranks) -> None:
+    """Copy a loaded checkpoint into the engine; a problem any rank meets is raised on all of
+    them (one small gather across ranks), so none is left waiting for the others. The tensors
+    are read from their files here, after the checkpoint was verified: one that became
+    unreadable since is a CheckpointError too."""
+    problem = None
+    try:
+        engine.load_state_dict(state)
+    except (KeyError, RuntimeError, ValueError) as exc:
+        problem = f"the checkpoint in {run_dir} does not fit this run's model ({exc})"
+    except OSError as exc:
+        problem = f"checkpoint file {exc.filename} became unreadable ({exc.strerror})"
+    except CheckpointError as exc:
+        problem = str(exc)
+    problems = [p for p in ranks.gather(problem) if p]
+    if problems:
+        raise CheckpointError(problems[0])
 
 
 def _load_init_weights(engine, config: RunConfig) -> None:

@@ -97,6 +97,9 @@ class LazyTensors(Mapping):
         path, key = self._index[name]
         return tuple(_reading(path, lambda f: f.get_slice(key).get_shape()))
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._index  # no read (Mapping's own would read the tensor)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._index)
 
@@ -110,7 +113,7 @@ def _reading(path: Path, read):
         with safe_open(path, framework="pt") as f:
             return read(f)
     except (SafetensorError, ValueError) as exc:
-        raise OSError(0, f"unreadable ({type(exc).__name__})", str(path)) from None
+        raise OSError(0, type(exc).__name__, str(path)) from None
     except OSError as exc:
         if exc.filename is not None:
             raise
