@@ -58,10 +58,11 @@ def _rank(rank: int, init: str, precision: str, share: float | None, accum: int,
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
     try:
         setup = Setup()
-        engine = attach(make_model(setup), _config(precision, share, budget), optim_config(setup),
-                        collective=Collective(rank=rank, world=WORLD))
+        comm = Collective(rank=rank, world=WORLD)
+        engine = attach(make_model(setup), _config(precision, share, budget), optim_config(setup), collective=comm)
         _train(engine, batches(STEPS, accum), rank)
-        out[rank] = _report(engine)
+        # what attach agrees on when each rank's GPU found its own free memory
+        out[rank] = {**_report(engine), "least": comm.least(1000 - rank)}
     finally:
         dist.destroy_process_group()
 
@@ -93,6 +94,7 @@ def test_each_rank_allocates_only_its_groups_optimizer_state(tmp_path, precision
     per_elem = 12 if precision == "bf16" else 8  # fp32 master (when separate) + two fp32 moments
     assert whole["state_bytes"] == per_elem * sum(g.param.numel for g in single.groups)
     for rank, report in enumerate(ranks):
+        assert report["least"] == 1000 - (WORLD - 1)  # every rank gets the smallest
         assert report["state_groups"] == list(range(rank, n_groups, WORLD))
         assert report["reduced_in_backward"] == n_groups * STEPS  # once per step, in the last backward
         if share:  # some of its own groups, not all

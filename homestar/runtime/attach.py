@@ -61,7 +61,12 @@ def attach(
     named = _unique_parameters(model)
     device = _device_space(config)
     host = HostMemory(config.cpu_budget_bytes, pin=config.device == "cuda")
-    layout, group_bytes = plan_chunks([(name, p.numel()) for name, p in named], config, device.budget, comm)
+    layout_budget = device.budget
+    if comm.active and config.chunk_elems is None and config.gpu_budget_bytes is None and layout_budget is not None:
+        # every rank must cut the same chunks (the collectives pair them up by group), but each
+        # found its own GPU's free memory: the chunk size follows the least of them (a sync)
+        layout_budget = comm.least(layout_budget)
+    layout, group_bytes = plan_chunks([(name, p.numel()) for name, p in named], config, layout_budget, comm)
     homes = plan_homes(
         group_bytes, gpu_cap=device.usable, cpu_cap=_cap(host.budget), slack=device.slack,
         nonmodel=config.nonmodel_estimate_bytes or 0, policy=config.optimizer_placement, fill=False,

@@ -138,6 +138,16 @@ class Collective:
             return Pending(work=work, staged=None if staged is tensor else staged)
         return self._pending(work, staged, tensor)
 
+    def least(self, value: int) -> int:
+        """The smallest of every rank's `value` (a sync); `value` itself on one process."""
+        if not self.active:
+            return value
+        import torch.distributed as dist
+
+        found = torch.tensor([value], dtype=torch.int64, device=self.device)
+        dist.all_reduce(found, op=dist.ReduceOp.MIN)
+        return int(found.item())
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place, and wait (a sync)."""
         import torch.distributed as dist
