@@ -70,7 +70,7 @@ class ChunkedEngine:
             self.scaler = LossScaler(scale=config.loss_scale_init, growth_interval=config.loss_scale_growth_interval)
         self.hooks = RuntimeHooks(model, table, placement)
         if adamw.collective.active:  # grads summed onto their owners as backward completes them
-            self.hooks.grad_done = adamw.reduce_in_backward
+            self.hooks.grad_done = adamw.ranks.reduce_in_backward
         self._micro_batches = 0
         """Micro-batches accumulated since the last step (or discarded grads)."""
         self.device = placement.device.device
@@ -222,7 +222,7 @@ class ChunkedEngine:
             "allocator_peak_bytes": self.placement.device.allocator_peak(),
             "device_groups": [g.index for g in self.groups if g.optimizer_on_device],
             "streamed_groups": self.adamw.streamed_groups(),
-            "reduced_in_backward": self.adamw.reduced_in_backward,
+            "reduced_in_backward": self.adamw.ranks.reduced_in_backward,
             "state_groups": [g.index for g in self.groups if g.has_state],
             "optimizer_state_bytes": sum(c.nbytes for g in self.groups for c in g.optimizer_chunks()),
         }

@@ -12,10 +12,9 @@ step does not read host grads for the norm; bf16 grads are widened to fp32 as Ad
 through it slice by slice (`stream_adam`), while a worker thread updates the CPU's groups; which
 ones is `split`'s decision (`adam_split`).
 Across ranks (a `Collective` of world > 1, group-owner ZeRO): each group's fp32 grads are summed
-onto its owner (on the device, as the step's last backward completes each grad chunk:
-`reduce_in_backward`; in the step for any chunk that was not), the squared norm of the owners'
-grads is summed over ranks, each owner updates its groups alone and broadcasts their param
-chunks. At world 1 none of that is issued.
+onto its owner and its param chunk broadcast back after the owner's update (`rank_exchange`), the
+squared norm of the owners' grads is summed over ranks, each owner updates its groups alone. At
+world 1 none of that is issued.
 Knows nothing of modules, hooks or the trainer.
 """
 
@@ -35,6 +34,7 @@ from homestar.runtime.binding import ParamInfo, ParamTable
 from homestar.runtime.chunk import Chunk, ChunkGroup, Kind
 from homestar.runtime.collectives import Collective
 from homestar.runtime.placement import Placement
+from homestar.runtime.rank_exchange import RankExchange
 from homestar.runtime.scaler import LossScaler
 from homestar.runtime.states import Move
 from homestar.runtime.stream_adam import StreamJob, stream_adamw
@@ -54,8 +54,8 @@ class ChunkAdamW:
         """Per-parameter step count (0-d fp32, as torch's fused AdamW keeps it), by layout index."""
         self.step_count = 0
         """Optimizer steps applied (skipped steps excluded)."""
-        self.collective = Collective()
-        """Which ranks share the work; groups not owned here get no update here."""
+        self.ranks = RankExchange(groups, self._hold, self._let_go)
+        """What the step exchanges with other ranks (nothing at world 1)."""
         self._infos_of: dict[int, list[ParamInfo]] = defaultdict(list)
         for info in table:
             self._infos_of[info.group.index].append(info)
@@ -74,12 +74,6 @@ class ChunkAdamW:
         self._streamed: set[int] = set()
         """Host-homed groups whose AdamW streams through the device (this step, or the last one
         once it ended; their chunks stay on the host: `stream_adam`)."""
-        self._reduced: set[int] = set()
-        """Groups whose grads were summed onto their owner during backward (this step)."""
-        self._held: set[int] = set()
-        """Groups whose grad chunks the step holds (let go in `_finish`)."""
-        self.reduced_in_backward = 0
-        """Grad chunks summed onto their owner during backward, over the run (for tests)."""
 
     def step(self, lr: float, scaler: LossScaler | None) -> StepReport:
         started = time.perf_counter()
@@ -89,7 +83,7 @@ class ChunkAdamW:
             by_group[info.group.index].append(info)
         comm = self.collective
         self._choose_streamed()
-        grads = self._stage_grads(by_group)
+        grads = self.ranks.stage_grads(by_group)
         owned = {index: infos for index, infos in by_group.items() if comm.owns(index)}
         owned_infos = [info for infos in owned.values() for info in infos]
         grad_list = [grads[info.index] for info in owned_infos if info.index in grads]
@@ -97,11 +91,11 @@ class ChunkAdamW:
             for tensors in _by_device(grad_list).values():
                 torch._foreach_mul_(tensors, scaler.inv_scale)
         # the norms taken at write-back hold for these grads unless the step changed them since:
-        # unscaled above, or summed over ranks in _stage_grads (a group summed during backward
+        # unscaled above, or summed over ranks in stage_grads (a group summed during backward
         # was written back, and normed, as its sum)
         cached = {} if scaler is not None else self._norms
         if comm.active:
-            cached = {info.index: cached[info.index] for group in self._reduced
+            cached = {info.index: cached[info.index] for group in self.ranks.reduced
                       for info in self._infos_of[group] if info.index in cached}
         total = self._total_norm(owned_infos, grads, cached)
         if comm.active:  # the global norm: squares of the owners' norms summed over ranks (a sync)
@@ -116,62 +110,13 @@ class ChunkAdamW:
             coef = self._clip(grad_list, total) if self.config.grad_clip > 0 else None
             timings.update(self._adam_all(owned, grads, lr, coef))
             if comm.active:
-                self._share_params(by_group)
+                self.ranks.share_params(by_group)
             self.step_count += bool(active)  # as torch: a step without gradients changes nothing
         self._finish(by_group)
         timings.update(optimizer=time.perf_counter() - started, opt_grads_and_norm=normed - started)
         return StepReport(grad_norm=grad_norm, skipped=skipped, timings=timings)
 
     # -- stages ---------------------------------------------------------------------------
-    def _stage_grads(self, by_group: dict[int, list[ParamInfo]]) -> dict[int, torch.Tensor]:
-        """Each active grad as a view where its group's optimizer runs (grad chunks held).
-        Across ranks each is summed onto its owner, issued in group order on every rank with two
-        in flight: one reduces while the next is staged, and under NCCL no more than two host
-        chunks' staged copies take GPU memory at once."""
-        grads: dict[int, torch.Tensor] = {}
-        pending: list = []
-        for index, infos in by_group.items():
-            reduced = index in self._reduced
-            if reduced and not self.collective.owns(index):
-                continue  # summed onto its owner already; nothing here needs it
-            chunk = self.groups[index].grad
-            tensor = self._hold(chunk, infos)
-            self._held.add(index)
-            for info in infos:
-                grads[info.index] = chunk.view(tensor, info.slot, info.shape)
-            if not reduced:
-                pending.append(self.collective.reduce_to_owner(tensor, index))
-                if len(pending) > 1:
-                    pending.pop(0).wait()
-        for work in pending:
-            work.wait()
-        return grads
-
-    def _share_params(self, by_group: dict[int, list[ParamInfo]]) -> None:
-        """Broadcast each updated group's param chunk from its owner. Nothing blocks the host
-        per group: a broadcast is issued (the owner's upload queued before it), the one before
-        it lands (its copy home queued behind it) and the host waits only for the copy issued
-        two groups earlier, so owners' uploads, the broadcasts and the others' copies home of
-        neighbouring groups overlap, with at most three staged chunks alive."""
-        issued: list = []
-        landed: list = []
-        for index, infos in by_group.items():
-            chunk = self.groups[index].param
-            issued.append((self.collective.broadcast_from_owner(self._hold(chunk, infos), index), chunk, infos))
-            if len(issued) > 1:
-                landed.append(issued.pop(0))
-                landed[-1][0].land()
-            if len(landed) > 2:
-                self._settle(*landed.pop(0))
-        for item in issued:
-            item[0].land()
-        for item in landed + issued:
-            self._settle(*item)
-
-    def _settle(self, work, chunk: Chunk, infos: list[ParamInfo]) -> None:
-        work.settle()  # sync: this chunk's host copy is complete before anything may read it
-        self._let_go(chunk, infos)
-
     def _total_norm(self, infos: list[ParamInfo], grads: dict[int, torch.Tensor],
                     cached: dict[int, torch.Tensor]) -> torch.Tensor:
         """Norm of per-parameter norms, stacked in parameter order on the compute device,
@@ -357,24 +302,14 @@ class ChunkAdamW:
             found = param_norms([chunk.view(tensor, info.slot, info.shape) for info in infos])
             self._norms.update(zip((info.index for info in infos), found))
 
-    def reduce_in_backward(self, chunk: Chunk):
-        """Start summing a completed grad chunk (held on the device) onto its group's owner rank,
-        where it lies: no host round trip, and the collective runs while backward goes on.
-        Returns the finisher the hooks run before letting the chunk go: it makes later work
-        wait for the sum (a stream wait under NCCL), and on the other ranks marks the device
-        copy as not worth writing back (its sum went to the owner)."""
-        index = chunk.group
-        work = self.collective.reduce_to_owner(chunk.device, index)  # async; fp32 (see collectives)
-        self._reduced.add(index)
-        self.reduced_in_backward += 1
-        owner = self.collective.owns(index)
+    @property
+    def collective(self) -> Collective:
+        """Which ranks share the work; groups not owned here get no update here."""
+        return self.ranks.collective
 
-        def finish() -> None:
-            work.wait()
-            if not owner:
-                chunk.device_dirty = False
-
-        return finish
+    @collective.setter
+    def collective(self, collective: Collective) -> None:
+        self.ranks.collective = collective
 
     def close(self) -> None:
         """Stop the worker thread, if one was started."""
@@ -388,11 +323,7 @@ class ChunkAdamW:
 
     def _finish(self, by_group: dict[int, list[ParamInfo]]) -> None:
         """Release the staged grads, discard every gradient, forget who had one."""
-        for index, infos in by_group.items():
-            if index in self._held:
-                self._let_go(self.groups[index].grad, infos)
-        self._held.clear()
-        self._reduced.clear()
+        self.ranks.let_go_grads(by_group)
         self._norms.clear()
         for group in self.groups:
             self.placement.clear(group.grad)
