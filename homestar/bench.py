@@ -37,7 +37,9 @@ class BenchRequest:
     accum: int = 1
     seq_len: int | None = None
     steps: int = 5
-    warmup: int = 2
+    warmup: int | None = None
+    """Untimed steps first; None: 2, or as many as the automatic CPU/GPU AdamW split takes to
+    settle when the chunk runtime streams AdamW (so the timed steps are the steady ones)."""
     precision: str = "auto"
     chunk_elems: int | None = None
     stream_share: float | None = None
@@ -146,7 +148,8 @@ def _measure_steps(request: BenchRequest) -> BenchResult:
         times, breakdown = [], {}
         if hasattr(engine, "time_phases"):
             engine.time_phases()  # forward, backward, copies each way: timing events, no syncs
-        for i in range(request.warmup + request.steps):
+        warmup = request.warmup if request.warmup is not None else _settling_steps(engine)
+        for i in range(warmup + request.steps):
             if device == "cuda":
                 torch.cuda.synchronize()  # note: timing boundary, outside the measured work
             t0 = time.perf_counter()
@@ -159,7 +162,7 @@ def _measure_steps(request: BenchRequest) -> BenchResult:
             if device == "cuda":
                 torch.cuda.synchronize()
             phases = engine.take_phases() if hasattr(engine, "take_phases") else {}  # after the sync above
-            if i >= request.warmup:
+            if i >= warmup:
                 times.append(time.perf_counter() - t0)
                 for k, v in phases.items():
                     breakdown[k] = breakdown.get(k, 0.0) + v / request.steps
@@ -185,6 +188,14 @@ def _measure_steps(request: BenchRequest) -> BenchResult:
         result.status, result.message = "oom", first_line(exc, 200)
     result.cpu_peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
     return result
+
+
+def _settling_steps(engine) -> int:
+    """Warm-up steps by default: 2, or until an automatic AdamW split stops moving."""
+    from homestar.runtime.adam_split import AUTO_SHARE_STEPS
+
+    split = getattr(getattr(engine, "adamw", None), "split", None)
+    return AUTO_SHARE_STEPS if split is not None and split.auto else 2
 
 
 def _engine(request: BenchRequest, model, optim, device: str, precision: str, micro_batch: int):

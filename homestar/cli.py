@@ -113,8 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--micro-batch", type=_positive_int, default=None)
     bench.add_argument("--accum", type=_positive_int, default=1)
     bench.add_argument("--seq-len", type=_positive_int, default=None)
-    bench.add_argument("--steps", type=_positive_int, default=5, help="timed steps (after 2 warm-up steps)")
-    bench.add_argument("--warmup", type=_non_negative_int, default=2)
+    bench.add_argument("--steps", type=_positive_int, default=5, help="timed steps (after the warm-up steps)")
+    bench.add_argument("--warmup", type=_non_negative_int, default=None,
+                       help="untimed steps first (default 2; 8 when AdamW is split between the CPU and the GPU, "
+                            "until the split has settled)")
     bench.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
     bench.add_argument("--runtime", choices=("chunked", "torch"), default="chunked")
     bench.add_argument("--chunk-elems", type=_positive_int, default=None)

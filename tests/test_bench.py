@@ -41,3 +41,17 @@ def test_bench_with_an_unknown_preset_fails_in_one_line(capsys):
     assert main(["bench", "--preset", "nope", "--device", "cpu"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope" in err[0]
+
+
+def test_the_default_warm_up_lasts_until_an_automatic_adamw_split_settles():
+    from types import SimpleNamespace
+
+    from homestar.bench import _settling_steps
+    from homestar.runtime.adam_split import AUTO_SHARE_STEPS, AdamSplit
+
+    def chunked(on_gpu: bool):
+        return SimpleNamespace(adamw=SimpleNamespace(split=AdamSplit.configured(None, on_gpu=on_gpu)))
+
+    assert _settling_steps(chunked(on_gpu=True)) == AUTO_SHARE_STEPS == 8  # it follows measured rates
+    assert _settling_steps(chunked(on_gpu=False)) == 2  # nothing streams on the CPU
+    assert _settling_steps(SimpleNamespace()) == 2  # plain PyTorch
