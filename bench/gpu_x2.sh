@@ -23,7 +23,8 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 # the pause-while-memory-is-short guard reads the detected RAM: off, the budgets below are explicit
 export HOMESTAR_MIN_AVAILABLE_GIB=${HOMESTAR_MIN_AVAILABLE_GIB:-0}
 DEVICE=${DEVICE:-cuda} PRESET=${PRESET:-2.7b} GPU_GIB=${GPU_GIB:-8} CPU_GIB=${CPU_GIB:-120}
-STEPS=${STEPS:-6} WARMUP=${WARMUP:-2} ACCUM=${ACCUM:-1} LARGEST=${LARGEST:-6.7b 4b}
+# training runs: STEPS in all, the first WARMUP untimed (8: until the automatic AdamW split settles)
+STEPS=${STEPS:-12} WARMUP=${WARMUP:-8} ACCUM=${ACCUM:-1} LARGEST=${LARGEST:-6.7b 4b}
 PLAN_BUDGETS=${PLAN_BUDGETS:-8 24} PLAN_PRESETS=${PLAN_PRESETS:-} PLAN_LIMIT=${PLAN_LIMIT:-470}
 if [ "$DEVICE" = cuda ]; then PRECISION=${PRECISION:-bf16}; else PRECISION=${PRECISION:-auto}; fi
 T0=$(date +%s)
