@@ -66,7 +66,7 @@ def main() -> None:
                         help="plan for this much host memory (GiB) instead of the detected amount")
     args = parser.parse_args()
     host = [] if args.cpu_mem_gib is None else ["--cpu-mem-gib", str(args.cpu_mem_gib)]
-    print("preset budget fits       chunk  gpu_pred gpu_meas  gpu_x  host_pred host_meas host_x   tok_s  verdict")
+    print("preset budget fits  mb       chunk  gpu_pred gpu_meas  gpu_x  host_pred host_meas host_x   tok_s  verdict")
     for budget in args.budgets:
         listed = homestar("plan", "--device", args.device, "--gpu-mem-gib", str(budget), *host, "--json")
         if listed and listed[0].get("status") == "error":
@@ -87,7 +87,7 @@ def main() -> None:
             gpu_meas, host_meas = result.get("gpu_peak_gib", 0), result.get("cpu_peak_gib", 0)
             gpu_x = ratio(gpu_meas, plan["gpu_peak_gib"]) if args.device == "cuda" else None
             host_x = ratio(host_meas, plan["cpu_peak_gib"])
-            print(f"{name:6} {budget:6g} {plan['fits']:5} {plan['chunk_elems']:11d} {plan['gpu_peak_gib']:8.2f} "
+            print(f"{name:6} {budget:6g} {plan['fits']:5} {plan['micro_batch']:3d} {plan['chunk_elems']:11d} {plan['gpu_peak_gib']:8.2f} "
                   f"{gpu_meas:8.2f} {fmt_ratio(gpu_x):>6}  {plan['cpu_peak_gib']:9.2f} {host_meas:9.2f} "
                   f"{fmt_ratio(host_x):>6}  {result.get('tok_s', 0):6.0f}  "
                   f"{verdict(result, budget, gpu_x, host_x, args.device)}", flush=True)
