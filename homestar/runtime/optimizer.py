@@ -110,7 +110,9 @@ class ChunkAdamW:
             coef = self._clip(grad_list, total) if self.config.grad_clip > 0 else None
             timings.update(self._adam_all(owned, grads, lr, coef))
             if comm.active:
-                self.ranks.share_params(by_group)
+                shared = time.perf_counter()
+                self.ranks.share_params(by_group)  # ends with a host wait for the last copy home
+                timings["opt_share_params"] = time.perf_counter() - shared
             self.step_count += bool(active)  # as torch: a step without gradients changes nothing
         self._finish(by_group)
         timings.update(optimizer=time.perf_counter() - started, opt_grads_and_norm=normed - started)
