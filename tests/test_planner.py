@@ -27,7 +27,7 @@ from homestar.optim import OptimConfig
 from homestar.planner.memory import model_data, runtime_config
 from homestar.planner.placement import steady_state
 from homestar.planner.speed import GPU_CLASSES, tokens_per_second
-from homestar.runtime.memory import allocator_slack
+from homestar.runtime.memory import budget_slack
 from homestar.planner.probe import cgroup_cpu_quota, cgroup_memory, cpu_cores, disk_free, host_memory
 from homestar.runtime import RuntimeConfig, attach
 from homestar.runtime.attach import plan_chunks, working_set_bytes_per_elem
@@ -243,7 +243,7 @@ def test_the_gpu_peak_is_the_runtimes_steady_state_not_a_share_of_the_budget():
     assert placed.steady_groups == 0 and placed.cached_param_bytes > 0
     # the runtime's budget less the allocator's slack, not 85% of it (less a param chunk that
     # does not fit the margin, and the headroom over activations)
-    usable = budget - allocator_slack(budget)
+    usable = budget - budget_slack(budget)
     assert usable - param_chunk - 0.05 * big.nonmodel <= placed.gpu_peak <= usable
     assert placed.gpu_min < 0.85 * budget < placed.gpu_peak  # the verdict's margin is on the need
     assert placed.gpu_card_peak == placed.gpu_peak + big.context  # the context is outside the allocator
@@ -263,14 +263,14 @@ def test_plan_gpu_peaks_follow_the_budget_the_runtime_is_given():
         unflagged = {p.preset: p for p in make_plan(card, presets=FAMILY)}
     # --gpu-mem-gib caps torch's allocator (the context lies outside it) and the runtime gets all of it
     assert {p.fits for name, p in flagged.items() if name != "13b"} == {"yes"}
-    assert 7.4 <= flagged["6.7b"].gpu_peak_gib <= 8.0 - allocator_slack(8 * GIB) / GIB
+    assert 7.4 <= flagged["6.7b"].gpu_peak_gib <= 8.0 - budget_slack(8 * GIB) / GIB
     assert flagged["6.7b"].gpu_card_gib == pytest.approx(flagged["6.7b"].gpu_peak_gib + 0.75, abs=0.011)
     # models larger than the card fill the runtime's budget, past the verdict's 85%; one that fits does not
     assert all(0.9 * 8 < flagged[name].gpu_peak_gib <= 8.0 for name in ("760m", "1.3b", "2.7b", "6.7b"))
     assert flagged["debug"].gpu_peak_gib < 1
     # without the flag the runtime takes the card's free memory once its own context exists
     free = card.gpus[0].free_bytes / GIB
-    slack = allocator_slack(int((free - 0.75) * GIB)) / GIB  # of the runtime's budget, the context outside it
+    slack = budget_slack(int((free - 0.75) * GIB)) / GIB  # of the runtime's budget, the context outside it
     assert free - slack - 0.3 <= unflagged["6.7b"].gpu_card_gib <= free - slack + 0.01
 
 

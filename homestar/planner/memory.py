@@ -160,9 +160,13 @@ class Estimate:
     model_bytes: int
     """fp32 model bytes on the host beside the chunks while `attach` packs: the trainer builds
     the model on the meta device and each parameter is made (fp32) as it is packed, so one
-    parameter at a time, the largest."""
-    staging: int = 0
-    """Host bytes a checkpoint adds beside the chunks (`checkpoint_staging`)."""
+    parameter at a time, the largest (`checkpoint_staging`)."""
+
+    @property
+    def staging(self) -> int:
+        """Host bytes a checkpoint adds beside the chunks: it stages one fp32 tensor at a time,
+        so the same largest parameter as attach (`checkpoint_staging`)."""
+        return self.model_bytes
 
     def chunks_in_use(self, streamed: list[bool] | None = None) -> int:
         """Device bytes of the streamed groups' chunks in use at once (default: every group
@@ -234,14 +238,13 @@ def estimate(
                             checkpointing=checkpointing)
     on_gpu = device == "cuda"
     prefetch = RuntimeConfig().prefetch_depth
-    largest = checkpoint_staging(config)  # one fp32 parameter, the largest: made at attach, staged at a save
     return Estimate(
         data=data, device=device, micro_batch=micro_batch, seq_len=seq_len, checkpointing=checkpointing, act=act,
         nonmodel=_with_slack(act, overheads),
         params_in_use=min(data.n_chunks, 2 + prefetch), grads_in_use=min(data.n_chunks, 2),
         context=overheads.cuda_context_bytes if on_gpu else 0,
         host_base=overheads.host_base_cuda_bytes if on_gpu else overheads.host_base_cpu_bytes,
-        model_bytes=largest, staging=largest,
+        model_bytes=checkpoint_staging(config),
     )
 
 

@@ -21,7 +21,7 @@ from homestar.errors import BudgetError
 from homestar.planner.memory import WORKING_RESERVE, Estimate
 from homestar.runtime.config import NONMODEL_HEADROOM
 from homestar.runtime.homes import GroupBytes, plan_homes, working_set
-from homestar.runtime.memory import allocator_slack
+from homestar.runtime.memory import budget_slack
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -111,8 +111,7 @@ def _fit_cpu(est: Estimate, simulated: int | None, host_budget: int) -> Fit | No
 
 def _fit_cuda(est: Estimate, gpu_budget: int, host_budget: int, runtime_budget: int) -> Fit | None:
     groups, n = list(est.data.groups), est.data.n_chunks
-    gpu_cap = gpu_budget - est.context
-    gpu_cap -= allocator_slack(gpu_cap)  # as `DeviceSpace.usable` on CUDA
+    gpu_cap = _usable(est, gpu_budget - est.context)
     # The runtime's own check counts two param chunks and one grad chunk; reserve the prefetched
     # and draining ones too, so a plan that fits also overlaps its transfers.
     reserve = est.nonmodel + max(0, est.chunks_in_use() - working_set(groups, [False] * n))
@@ -160,11 +159,12 @@ def steady_state(est: Estimate, *, cpu_cap: float, gpu_cap: int) -> tuple[list[b
     measured before this rule was written (the plan then said 6.80 for both).
     """
     groups = list(est.data.groups)
-    usable = gpu_cap - (allocator_slack(gpu_cap) if est.device == "cuda" else 0)  # as `DeviceSpace.usable`
+    usable = _usable(est, gpu_cap)
     reserve = int(est.nonmodel * (1 + NONMODEL_HEADROOM))  # what the runtime sets aside for activations
+    staging = est.stream_staging()
     try:
         homes = plan_homes(groups, gpu_cap=usable, cpu_cap=cpu_cap, nonmodel=reserve, policy="auto", fill=True,
-                           step_set=est.stream_staging())
+                           step_set=staging)
     except BudgetError:
         return None
     homed = sum(g.total for g, dev in zip(groups, homes) if dev)
@@ -176,8 +176,14 @@ def steady_state(est: Estimate, *, cpu_cap: float, gpu_cap: int) -> tuple[list[b
         if cached + group.param <= room:
             cached += group.param
     backward = est.nonmodel + homed + cached + in_flight
-    step = homed + cached + est.widen_scratch(homes) + (est.stream_staging() if hosted else 0)
+    step = homed + cached + est.widen_scratch(homes) + (staging if hosted else 0)
     return homes, cached, min(gpu_cap, max(backward, step))
+
+
+def _usable(est: Estimate, budget: int) -> int:
+    """What the runtime plans into of a device budget: on CUDA, all but `budget_slack` (as
+    `DeviceSpace.usable`); the simulated device keeps no slack."""
+    return budget - budget_slack(budget) if est.device == "cuda" else budget
 
 
 def _start_homes(est: Estimate, groups: list[GroupBytes], gpu_cap: int, reserve: int,

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from homestar.runtime.memory import DeviceSpace, allocator_slack
+from homestar.runtime.memory import DeviceSpace, budget_slack
 
 _ALLOC_CONF = "PYTORCH_CUDA_ALLOC_CONF"
 _MAPPING_STEP = 20 << 20
@@ -84,7 +84,7 @@ class CudaDevice(DeviceSpace):
             free, _ = torch.cuda.mem_get_info(device)
             budget = int(free) + torch.cuda.memory_allocated(device)
         super().__init__(device, budget)
-        self.slack = allocator_slack(budget)
+        self.slack = budget_slack(budget)
         self._low = 0
         """Lowest chunk bytes since the window opened (chunks freed inside a window)."""
         self._reserved_peak = 0

@@ -20,7 +20,7 @@ from homestar.errors import BudgetError
 GIB = float(1 << 30)
 
 
-def allocator_slack(budget: int) -> int:
+def budget_slack(budget: int) -> int:
     """Bytes of a CUDA budget left to the caching allocator beyond what the runtime counts:
     1/32 of it, at least 64 MiB and at most 1 GiB. What the runtime counts (chunks, activations,
     free pieces of partly used segments) can sit within a few MiB of the cap while the
@@ -129,7 +129,7 @@ class DeviceSpace(MemorySpace):
     """A `phases.PhaseClock` timing every copy ("h2d", "d2h"), when one is set."""
     slack = 0
     """Bytes of the budget the runtime never plans into (CUDA: the caching allocator's own
-    rounding and fragmentation, see `allocator_slack`); 0 on the simulated device."""
+    rounding and fragmentation, see `budget_slack`); 0 on the simulated device."""
 
     def room(self, reserve: int = 0) -> float:
         return super().room(reserve + self.slack)

@@ -203,11 +203,11 @@ class ChunkAdamW:
         last = stream_adamw(jobs, device, self.placement.scratch, self.placement.free_scratch,  # fp32: clipped
                             coef=wide_coef, lr=lr, config=self.config)
         self._update_on_device(dev, grads, lr, coef)
+        cpu_elems, streamed_elems = (sum(g.grad.numel for g, _ in part) for part in (cpu, streamed))
         if jobs:
             device.host_wait(last)  # sync: the streamed groups' host buffers hold their update
             times["opt_streamed_adam"] = time.perf_counter() - begin
-            streamed_elems = sum(g.grad.numel for g, _ in streamed)
-            times["stream_share"] = streamed_elems / (streamed_elems + sum(g.grad.numel for g, _ in cpu))
+            times["stream_share"] = streamed_elems / (streamed_elems + cpu_elems)
         if pending is not None:
             pending.result()  # waits; re-raises what the worker raised
         for group, infos, _ in held:
@@ -215,8 +215,7 @@ class ChunkAdamW:
         for group, infos in streamed:
             self._let_go_state(group, infos)
         if held and jobs:
-            self.split.follow(sum(g.grad.numel for g, _ in cpu), times["opt_cpu_adam"],
-                              sum(g.grad.numel for g, _ in streamed), times["opt_streamed_adam"])
+            self.split.follow(cpu_elems, times["opt_cpu_adam"], streamed_elems, times["opt_streamed_adam"])
         return times
 
     def _stream_job(self, group: ChunkGroup, infos: list[ParamInfo]) -> StreamJob:
