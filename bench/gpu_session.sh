@@ -30,9 +30,7 @@ for line in open(sys.argv[1]):
 PY
 }
 B8=(--gpu-mem-gib 8 --micro-batch 2)
-# presets whose AdamW streams: warm up until the automatic CPU/GPU split has settled
-# (runtime/adam_split.py AUTO_SHARE_STEPS), so the timed steps are the steady ones
-SPLIT=${SPLIT:-8}
+# without --warmup, bench warms up until the automatic CPU/GPU AdamW split has settled
 case "${1:-}" in
   checks)
     say "CUDA tests"; timeout 120 python -m pytest -q -p no:cacheprovider tests/test_runtime_cuda.py 2>&1 | tail -2
@@ -41,13 +39,13 @@ case "${1:-}" in
   small)
     bench 350m_8 90 --preset 350m "${B8[@]}" --steps 4 --warmup 2 --baseline
     bench 0.7b_8 90 --preset 0.7b "${B8[@]}" --steps 3 --warmup 2
-    bench 1.3b_8 90 --preset 1.3b "${B8[@]}" --steps 3 --warmup "$SPLIT"
-    bench 2.7b_8 150 --preset 2.7b "${B8[@]}" --steps 3 --warmup "$SPLIT"
+    bench 1.3b_8 90 --preset 1.3b "${B8[@]}" --steps 3
+    bench 2.7b_8 150 --preset 2.7b "${B8[@]}" --steps 3
     bench 0.7b_24 90 --preset 0.7b --gpu-mem-gib 24 --micro-batch 2 --steps 4 --warmup 2 --baseline ;;
   large)
-    bench 4b_8 180 --preset 4b "${B8[@]}" --steps 2 --warmup "$SPLIT"
-    bench 6.7b_8 240 --preset 6.7b "${B8[@]}" --steps 2 --warmup "$SPLIT"
-    bench 2.7b_8_32k 200 --preset 2.7b --gpu-mem-gib 8 --micro-batch 4 --accum 8 --steps 2 --warmup "$SPLIT" ;;
+    bench 4b_8 180 --preset 4b "${B8[@]}" --steps 2
+    bench 6.7b_8 240 --preset 6.7b "${B8[@]}" --steps 2
+    bench 2.7b_8_32k 200 --preset 2.7b --gpu-mem-gib 8 --micro-batch 4 --accum 8 --steps 2 ;;
   plan8big)  # the presets whose first step ran out of memory before the activation forecast
     say "plan vs measured at 8 GiB, 2.7b 4b 6.7b"
     timeout 560 python bench/plan_vs_measured.py --budgets 8 --presets 2.7b 4b 6.7b --steps 2 2>&1 | tee "$OUT/plan8big.txt" ;;
@@ -56,10 +54,10 @@ case "${1:-}" in
     timeout 560 python bench/plan_vs_measured.py --budgets "$budget" --steps 2 2>&1 | tee "$OUT/plan$budget.txt" ;;
   stream)  # AdamW split between the CPU and the GPU by measured rates (the default) vs CPU alone
     say "CUDA tests"; timeout 150 python -m pytest -q -p no:cacheprovider tests/test_runtime_cuda.py 2>&1 | tail -4
-    bench 1.3b_auto 120 --preset 1.3b "${B8[@]}" --steps 3 --warmup "$SPLIT"
+    bench 1.3b_auto 120 --preset 1.3b "${B8[@]}" --steps 3
     bench 1.3b_cpu 100 --preset 1.3b "${B8[@]}" --steps 3 --warmup 2 --stream-share 0
-    bench 2.7b_auto 150 --preset 2.7b "${B8[@]}" --steps 3 --warmup "$SPLIT"
-    bench 1.3b_nockpt 120 --preset 1.3b "${B8[@]}" --steps 3 --warmup "$SPLIT" --no-checkpointing ;;
+    bench 2.7b_auto 150 --preset 2.7b "${B8[@]}" --steps 3
+    bench 1.3b_nockpt 120 --preset 1.3b "${B8[@]}" --steps 3 --no-checkpointing ;;
   *) echo "usage: bash bench/gpu_session.sh checks|small|large|plan8|plan8big|plan24|stream" >&2; exit 2 ;;
 esac
 say done
