@@ -8,6 +8,10 @@
 #   bash bench/gpu_session.sh plan24   # the same at 24 GiB
 #   bash bench/gpu_session.sh plan8big # 8 GiB, 2.7b 4b 6.7b only (~6 min)
 #   bash bench/gpu_session.sh stream   # CUDA tests; 1.3b with AdamW split CPU/GPU vs CPU alone; 2.7b split (~6 min)
+#   bash bench/gpu_session.sh fits     # 350m at 8 GiB and 0.7b at 24 GiB against plain PyTorch; 2.7b at 32k tokens (~8 min)
+#   bash bench/gpu_session.sh waits    # CUDA tests; 1.3b with the host's waits spinning vs sleeping, alternating (~3 min)
+#   bash bench/gpu_session.sh table8   # every preset at the plan's settings, 8 GiB, against the floors (~6 min); table24 likewise
+#   bash bench/gpu_session.sh speed    # both AdamW engines sharing the host; 1.3b, 2.7b, 4b at 2048 tokens, 8 GiB (~9 min)
 # Timings are estimates from one day's runs; every command has its own timeout so one slow item
 # cannot take the rest of the call with it.
 set -u
@@ -58,6 +62,35 @@ case "${1:-}" in
     bench 1.3b_cpu 100 --preset 1.3b "${B8[@]}" --steps 3 --warmup 2 --stream-share 0
     bench 2.7b_auto 150 --preset 2.7b "${B8[@]}" --steps 3
     bench 1.3b_nockpt 120 --preset 1.3b "${B8[@]}" --steps 3 --no-checkpointing ;;
-  *) echo "usage: bash bench/gpu_session.sh checks|small|large|plan8|plan8big|plan24|stream" >&2; exit 2 ;;
+  fits)  # where the model fits: against plain PyTorch in the same invocation; then accumulation to 32k tokens
+    bench 350m_8 100 --preset 350m "${B8[@]}" --steps 6 --warmup 3 --baseline
+    bench 0.7b_24 120 --preset 0.7b --gpu-mem-gib 24 --micro-batch 2 --steps 6 --warmup 3 --baseline
+    bench 2.7b_8_32k_4x8 200 --preset 2.7b --gpu-mem-gib 8 --micro-batch 4 --accum 8 --steps 2
+    bench 2.7b_8_32k_8x4 120 --preset 2.7b --gpu-mem-gib 8 --micro-batch 8 --accum 4 --steps 2 ;;
+  waits)  # the host's waits spinning (before) against sleeping (now), alternating
+    say "CUDA tests"; timeout 150 python -m pytest -q -p no:cacheprovider tests/test_runtime_cuda.py 2>&1 | tail -2
+    mkdir -p "$OUT/spin"
+    cat > "$OUT/spin/sitecustomize.py" <<'PY'
+from homestar.runtime import cuda
+_init = cuda.CudaDevice.__init__
+def spinning(self, *args, **kwargs):
+    _init(self, *args, **kwargs)
+    self.blocking_waits = False
+cuda.CudaDevice.__init__ = spinning
+PY
+    for i in 1 2; do
+      PYTHONPATH="$OUT/spin:$PWD" bench "1.3b_spin$i" 120 --preset 1.3b "${B8[@]}" --steps 4
+      bench "1.3b_sleep$i" 120 --preset 1.3b "${B8[@]}" --steps 4
+    done ;;
+  table8|table24)  # what --preset P trains at: the plan's micro-batch, accumulation and chunk size
+    budget=${1#table}; say "speed table at $budget GiB"
+    PYTHONPATH=. timeout "${TABLE_LIMIT:-570}" python bench/speed_table.py --budgets "$budget" --cpu-mem-gib 120 --warmup 3 --steps 2 2>&1 \
+      | grep -v Warning | tee "$OUT/table$budget.txt" ;;
+  speed)  # the targets at 2048 tokens per step, split settled (bench's default warm-up)
+    say "host contention"; PYTHONPATH=. timeout 100 python bench/host_contention.py 2>&1 | tail -12
+    bench 1.3b_8 120 --preset 1.3b "${B8[@]}" --steps 3
+    bench 2.7b_8 150 --preset 2.7b "${B8[@]}" --steps 3
+    bench 4b_8 190 --preset 4b "${B8[@]}" --steps 3 ;;
+  *) echo "usage: bash bench/gpu_session.sh checks|small|large|plan8|plan8big|plan24|stream|speed" >&2; exit 2 ;;
 esac
 say done

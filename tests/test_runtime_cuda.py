@@ -112,9 +112,12 @@ def test_cuda_fp32_parity_under_a_tight_budget(placement, tight_budget):
 def test_cuda_accumulation_and_prefetch_depth_do_not_change_results(tight_budget):
     batches = data(6, accum=3)
     ref_losses, _ = reference(batches)
-    deep, engine_deep = run_engine(batches, extra_budget=tight_budget, optimizer_placement="host", prefetch_depth=6)
+    # a fixed AdamW split: an automatic one follows measured rates, so the two runs could update a
+    # group on different engines, whose kernels may round differently in the last bit
+    fixed = dict(optimizer_placement="host", optimizer_stream_share=0.5)
+    deep, engine_deep = run_engine(batches, extra_budget=tight_budget, prefetch_depth=6, **fixed)
     engine_deep.close()
-    none, engine_none = run_engine(batches, extra_budget=tight_budget, optimizer_placement="host", prefetch_depth=0)
+    none, engine_none = run_engine(batches, extra_budget=tight_budget, prefetch_depth=0, **fixed)
     assert deep == none  # async prefetch changes timing, never values
     assert deep == pytest.approx(ref_losses, rel=1e-5)
     assert engine_deep.stats()["prefetches"] > 0 and engine_none.stats()["prefetches"] == 0

@@ -90,6 +90,10 @@ class CudaDevice(DeviceSpace):
         self._reserved_peak = 0
         self.upload_stream = torch.cuda.Stream(device)
         self.offload_stream = torch.cuda.Stream(device)
+        self.blocking_waits = True
+        """The host sleeps in `host_wait` instead of spinning, leaving the core to other work (the
+        CPU's AdamW runs beside the wait for the streamed one). Throughput is the same either way
+        on the H200 (`bench/host_contention.py`, BENCHMARKS.md): host memory bounds both engines."""
 
     def _compute(self) -> torch.cuda.Stream:
         return torch.cuda.current_stream(self.device)
@@ -129,7 +133,7 @@ class CudaDevice(DeviceSpace):
                 dst.copy_(src, non_blocking=True)
             if self.clock:
                 self.clock.stop(phase, begin, stream)
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(blocking=self.blocking_waits)
             event.record(stream)
         return event
 
