@@ -2,9 +2,12 @@
 matter, on the CPU, plain PyTorch against the chunk runtime with every chunk on the (simulated)
 device, so the difference is the runtime's bookkeeping.
 
-    python bench/cpu_overhead.py [--checkpointing] [--steps 30]
+    python bench/cpu_overhead.py [--checkpointing] [--streaming] [--steps 30]
 
-Prints median milliseconds of forward+backward and of the optimizer step for both.
+`--streaming` gives the runtime a device budget of a few chunks instead, with every group's
+optimizer on the host, so param chunks are fetched and grads drained as modules run (what a model
+larger than the card does each micro-batch). Prints median milliseconds of forward+backward and of
+the optimizer step for both.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def timed(engine, steps: int) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--streaming", action="store_true")
     parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -45,12 +49,17 @@ def main() -> None:
     torch.manual_seed(0)
     plain = TorchEngine(GPT(config, checkpoint_activations=args.checkpointing), OptimConfig(lr=1e-3),
                         device="cpu", precision="fp32")
-    chunked = attach(GPT(config, checkpoint_activations=args.checkpointing),
-                     RuntimeConfig(device="cpu", optimizer_placement="device", chunk_elems=300_000), OptimConfig(lr=1e-3))
+    chunk = 300_000
+    placement = dict(optimizer_placement="host", chunk_elems=chunk // 5, gpu_budget_bytes=6 * chunk // 5 * 4) \
+        if args.streaming else dict(optimizer_placement="device", chunk_elems=chunk)
+    chunked = attach(GPT(config, checkpoint_activations=args.checkpointing), RuntimeConfig(device="cpu", **placement),
+                     OptimConfig(lr=1e-3))
     for name, engine in (("plain PyTorch", plain), ("chunk runtime", chunked)):
         fwd_bwd, step = timed(engine, args.steps)
         print(f"{name:14} forward+backward {fwd_bwd:6.2f} ms   step {step:6.2f} ms")
-    print(f"chunk groups {len(chunked.groups)}, resident mode {chunked.hooks.resident}")
+    stats = chunked.stats()
+    print(f"chunk groups {len(chunked.groups)}, resident mode {chunked.hooks.resident}, "
+          f"fetches {stats['fetches']}, evictions {stats['evictions']}")
 
 
 if __name__ == "__main__":

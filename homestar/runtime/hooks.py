@@ -144,8 +144,7 @@ class RuntimeHooks:
             self._open.setdefault(module, []).append(taken)  # what the post-hook releases
             for chunk, indices, infos in batches:  # one access per chunk, not per parameter
                 if self.phase is Phase.BACKWARD:
-                    for info in infos:
-                        self._hold_for_backward(info)  # recompute: released when the grad arrives
+                    self._hold_for_backward(chunk, infos)  # recompute: released as each grad arrives
                 else:
                     self.placement.acquire(chunk, indices)
                     taken.append((chunk, indices, infos))
@@ -181,14 +180,16 @@ class RuntimeHooks:
             return packed
         slot = packed.chunk.slot_at(packed.offset)
         if slot is not None:
-            self._hold_for_backward(self.table.infos[slot.index])
+            self._hold_for_backward(packed.chunk, [self.table.infos[slot.index]])
         return packed.chunk.device.as_strided(packed.size, packed.stride, packed.offset)
 
-    def _hold_for_backward(self, info: ParamInfo) -> None:
-        """Acquire a parameter's chunk for backward, once per backward pass."""
-        if info.index not in self._backward_held:
-            self.placement.acquire(info.group.param, [info.index])
-            self._backward_held.add(info.index)
+    def _hold_for_backward(self, chunk: Chunk, infos: list[ParamInfo]) -> None:
+        """Acquire the chunk for backward for those of its parameters not held yet in this
+        backward pass (one access for all of them)."""
+        fresh = [info.index for info in infos if info.index not in self._backward_held]
+        if fresh:
+            self.placement.acquire(chunk, fresh)
+            self._backward_held.update(fresh)
 
     def _end_hold(self, info: ParamInfo) -> None:
         if info.index in self._backward_held:
