@@ -22,7 +22,7 @@ import torch
 from homestar.optim import OptimConfig
 from homestar.runtime import adam_math
 from homestar.runtime.cuda import CudaDevice, PinnedHost
-from homestar.runtime.stream_adam import StreamJob, stream_adamw
+from homestar.runtime.stream_adam import StagingRing, StreamJob, stream_adamw
 
 _BYTES_PER_ELEM = 28
 _PARAM_ELEMS = 50_000_000  # spans of about one large GPT matrix each
@@ -69,8 +69,9 @@ def main() -> None:
         torch.cuda.synchronize()
         begin = time.perf_counter()
         job = StreamJob(spans=dev_spans, **dev)
-        last = stream_adamw([job], device, lambda n, d: torch.empty(n, dtype=d, device=device.device),
-                            lambda t: None, coef=None, lr=1e-4, config=config)
+        ring = StagingRing(lambda n, d: torch.empty(n, dtype=d, device=device.device), lambda t: None,
+                           args.stream_elems, torch.bfloat16, torch.bfloat16)
+        last = stream_adamw([job], ring, device, coef=None, lr=1e-4, config=config)
         device.host_wait(last)
         return time.perf_counter() - begin
 

@@ -49,13 +49,15 @@ def test_sliced_adamw_equals_widening_the_whole_chunk(monkeypatch, clip):
 
 
 @pytest.mark.parametrize("clip", [None, 0.37])
-def test_streamed_adamw_equals_the_host_update(monkeypatch, clip):
+@pytest.mark.parametrize("param_on_device", [False, True])
+def test_streamed_adamw_equals_the_host_update(monkeypatch, clip, param_on_device):
     """AdamW streamed through the (simulated) device in small slices, through a ring of staging
-    buffers, writes back exactly the host's result; the param chunk equals its master's cast
-    everywhere, padding included; every staging buffer goes back to the device's books."""
+    buffers, writes back exactly the host's result; the param chunk (its host buffer, or its
+    device copy when cached there) equals its master's cast everywhere, padding included; every
+    staging buffer goes back to the device's books."""
     from homestar.runtime import stream_adam
     from homestar.runtime.memory import SimulatedDevice
-    from homestar.runtime.stream_adam import StreamJob, stream_adamw
+    from homestar.runtime.stream_adam import StagingRing, StreamJob, stream_adamw
 
     monkeypatch.setattr(stream_adam, "STREAM_SLICE_ELEMS", 48)  # parameters span several slices
     gen = torch.Generator().manual_seed(1)
@@ -76,8 +78,11 @@ def test_streamed_adamw_equals_the_host_update(monkeypatch, clip):
     got = [master.clone(), moments[0].clone(), moments[1].clone()]
     param = master.bfloat16()
     device = SimulatedDevice(budget=None)
-    jobs = [StreamJob(spans=spans(), grad=grad, master=got[0], exp_avg=got[1], exp_avg_sq=got[2], param=param)]
-    stream_adamw(jobs, device, device.alloc, device.free, coef=coef, lr=2e-3, config=config)
+    jobs = [StreamJob(spans=spans(), grad=grad, master=got[0], exp_avg=got[1], exp_avg_sq=got[2], param=param,
+                      param_on_device=param_on_device)]
+    ring = StagingRing(device.alloc, device.free, numel, grad.dtype, param.dtype)
+    stream_adamw(jobs, ring, device, coef=coef, lr=2e-3, config=config)
+    ring.close()
 
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

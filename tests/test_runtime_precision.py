@@ -47,6 +47,34 @@ def test_half_precision_tracks_fp32_training(precision):
     assert {row["kind"] for row in engine.chunk_snapshot()} == {"param", "grad", "master", "moments"}
 
 
+def test_streamed_params_cached_on_the_device_are_updated_there():
+    """bf16 with half the host-homed groups' AdamW streamed: a streamed group whose param chunk
+    is still cached on the (simulated) device after backward gets its new params written there,
+    not back to the host and up again. Training equals the run whose every group updates on the
+    CPU, to the bit (the simulated device runs the CPU's kernel); the host buffer of such a chunk,
+    once read (written back first), holds its master's cast."""
+    setup = Setup()
+    data = batches(6, 1)
+    model = make_model(setup)
+    cpu = attach_precision(model, setup, "bf16", optimizer_placement="host", optimizer_stream_share=0.0)
+    cpu_losses, cpu_norms = train_engine(cpu, data)
+    kept = attach_precision(model, setup, "bf16", optimizer_placement="host", optimizer_stream_share=0.5)
+    losses, norms = train_engine(kept, data)
+    assert kept.stats()["params_updated_on_device"] > 0 and cpu.stats()["params_updated_on_device"] == 0
+    assert losses == cpu_losses and norms == cpu_norms
+    dirty = [g.param for g in kept.groups if g.param.device_dirty]
+    assert dirty  # the last step left new params on the device only
+    weights, reference = kept.state_dict()["weights"], cpu.state_dict()["weights"]
+    for name, value in weights.items():
+        assert torch.equal(value, reference[name]), name
+    for group in kept.groups:
+        host = kept.placement.read(group.param)  # writes a newer device copy back first
+        assert torch.equal(host, kept.placement.read(group.master).to(host.dtype))
+    assert not any(g.param.device_dirty for g in kept.groups)
+    cpu.close()
+    kept.close()
+
+
 def test_fp16_overflow_skips_the_step_and_backs_off():
     setup = Setup()
     engine = attach_precision(make_model(setup), setup, "fp16", loss_scale_init=2.0**40)

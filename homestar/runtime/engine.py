@@ -213,7 +213,8 @@ class ChunkedEngine:
     def stats(self) -> dict:
         """Counters for tests and benchmarks: fetches, evictions, write-backs, prefetches,
         peak accounted device bytes, the device budget, which groups live on the device, which
-        host-homed groups' AdamW streamed through the device in the last step, which
+        host-homed groups' AdamW streamed through the device in the last step (and how many
+        streamed param chunks were updated where they were cached, on the device), which
         groups have optimizer state here and the bytes of that state (master when separate, moments)."""
         return {
             **self.placement.stats,
@@ -222,6 +223,7 @@ class ChunkedEngine:
             "allocator_peak_bytes": self.placement.device.allocator_peak(),
             "device_groups": [g.index for g in self.groups if g.optimizer_on_device],
             "streamed_groups": self.adamw.streamed_groups(),
+            "params_updated_on_device": self.adamw.params_updated_on_device,
             "reduced_in_backward": self.adamw.ranks.reduced_in_backward,
             "state_groups": [g.index for g in self.groups if g.has_state],
             "optimizer_state_bytes": sum(c.nbytes for g in self.groups for c in g.optimizer_chunks()),

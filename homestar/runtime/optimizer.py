@@ -37,7 +37,7 @@ from homestar.runtime.placement import Placement
 from homestar.runtime.rank_exchange import RankExchange
 from homestar.runtime.scaler import LossScaler
 from homestar.runtime.states import Move
-from homestar.runtime.stream_adam import StreamJob, stream_adamw
+from homestar.runtime.stream_adam import StagingRing, StreamJob, stream_adamw
 
 _NORM_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s
 
@@ -71,6 +71,9 @@ class ChunkAdamW:
         the rest at the same time)."""
         self._worker: ThreadPoolExecutor | None = None
         """The thread that runs the CPU's groups while the device's update (made once)."""
+        self.params_updated_on_device = 0
+        """Streamed groups' param chunks updated where they were cached, on the device (over the
+        run, for tests and benchmarks)."""
         self._streamed: set[int] = set()
         """Host-homed groups whose AdamW streams through the device (this step, or the last one
         once it ended; their chunks stay on the host: `stream_adam`)."""
@@ -180,6 +183,12 @@ class ChunkAdamW:
         cpu = [(self.groups[i], infos) for i, infos in owned.items()
                if not self.groups[i].optimizer_on_device and i not in self._streamed]
         held = [(group, infos, self._hold_state(group, infos)) for group, infos in cpu]
+        ring = None
+        if streamed:  # before the jobs hold cached param chunks: making room may evict those
+            first = streamed[0][0]
+            ring = StagingRing(self.placement.scratch, self.placement.free_scratch,
+                               max(group.master.numel for group, _ in streamed), first.grad.dtype,
+                               None if first.param is first.master else first.param.dtype)
         jobs = [self._stream_job(group, infos) for group, infos in streamed]
         host_coef = None if coef is None or not held else coef.cpu()  # one small copy, not one per group
         times = {"opt_cpu_adam": 0.0}
@@ -200,8 +209,12 @@ class ChunkAdamW:
         begin = time.perf_counter()
         device = self.placement.device
         wide_coef = None if coef is None or not jobs or jobs[0].grad.dtype == torch.float32 else coef
-        last = stream_adamw(jobs, device, self.placement.scratch, self.placement.free_scratch,  # fp32: clipped
-                            coef=wide_coef, lr=lr, config=self.config)
+        last = None
+        if ring is not None:
+            try:
+                last = stream_adamw(jobs, ring, device, coef=wide_coef, lr=lr, config=self.config)  # fp32: clipped
+            finally:
+                ring.close()
         self._update_on_device(dev, grads, lr, coef)
         cpu_elems, streamed_elems = (sum(g.grad.numel for g, _ in part) for part in (cpu, streamed))
         if jobs:
@@ -221,14 +234,25 @@ class ChunkAdamW:
     def _stream_job(self, group: ChunkGroup, infos: list[ParamInfo]) -> StreamJob:
         """A streamed group's host buffers (its grads were staged there), held (a device copy is
         written back first if newer, then dropped: the update rewrites them all), its step
-        counts moved to the device and advanced."""
-        master, exp_avg, exp_avg_sq, *param = self._hold_state(group, infos, where=self.placement.device.device)
-        steps = [self.steps[info.index] for info in infos]
+        counts moved to the device and advanced. A separate param chunk cached on the device is
+        held there instead and updated in place: its new values stay on the device for the next
+        forward (newer than the host copy, which is written back if the chunk is ever evicted),
+        sparing a copy down now and one up then."""
+        device = self.placement.device.device
+        param = group.param if group.param is not group.master else None
+        cached = param is not None and param.resident and not param.in_use()
+        master, exp_avg, exp_avg_sq = (self._hold(c, infos) for c in (group.master, group.exp_avg, group.exp_avg_sq))
+        if cached:
+            param_tensor = self.placement.acquire(param, [info.index for info in infos])
+            self.params_updated_on_device += 1
+        else:
+            param_tensor = None if param is None else self._hold(param, infos)
+        steps = [self._step_tensor(info, device) for info in infos]
         torch._foreach_add_(steps, 1)
         spans = [Span(offset=i.slot.offset, numel=i.slot.numel, step=self.steps[i.index], decay=i.decay)
                  for i in infos]
         return StreamJob(spans=spans, grad=group.grad.host, master=master, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
-                         param=param[0] if param else None)
+                         param=param_tensor, param_on_device=cached)
 
     def _update_on_device(self, dev: list[tuple[ChunkGroup, list[ParamInfo]]], grads: dict[int, torch.Tensor],
                           lr: float, coef: torch.Tensor | None) -> None:
@@ -247,15 +271,14 @@ class ChunkAdamW:
         if wide is not None:
             self.placement.free_scratch(wide)
 
-    def _hold_state(self, group: ChunkGroup, infos: list[ParamInfo], where: torch.device | None = None,
-                    ) -> tuple[torch.Tensor, ...]:
+    def _hold_state(self, group: ChunkGroup, infos: list[ParamInfo]) -> tuple[torch.Tensor, ...]:
         """Master, both moments and (when separate) the param chunk, where they live; the step
-        counts moved to `where` (default: where the chunks are)."""
+        counts moved there too."""
         state = tuple(self._hold(c, infos) for c in (group.master, group.exp_avg, group.exp_avg_sq))
         if group.param is not group.master:
             state += (self._hold(group.param, infos),)
         for info in infos:
-            self._step_tensor(info, where or state[0].device)
+            self._step_tensor(info, state[0].device)
         return state
 
     def _let_go_state(self, group: ChunkGroup, infos: list[ParamInfo]) -> None:

@@ -12,7 +12,9 @@ the step's trace see none of this; the staging sets are charged to the device bu
 The params' compute-dtype copy is cast from the master over whole slices, elements of no active
 parameter included: those hold bf16(master) already (packing, loading and every update keep the
 param chunk equal to its master cast), so rewriting them changes nothing and saves uploading the
-param slice. Knows nothing of modules, hooks, placement policy or the trainer.
+param slice. A job whose param chunk is cached on the device (`param_on_device`) gets the cast
+written there instead: the new params neither cross PCIe now nor again for the next forward.
+Knows nothing of modules, hooks, placement policy or the trainer.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class StreamJob:
     exp_avg_sq: torch.Tensor
     param: torch.Tensor | None
     """The compute-dtype param chunk; None when the master is the param (fp32 training)."""
+    param_on_device: bool = False
+    """`param` is the chunk's device copy (cached there), not its host buffer."""
 
 
 def _set_buffers(elems: int, grad_dtype: torch.dtype, param_dtype: torch.dtype | None) -> list:
@@ -80,44 +84,56 @@ class _Set:
         return [t for t in (self.state, self.wide, self.grad, self.param) if t is not None]
 
 
-def stream_adamw(jobs: list[StreamJob], device: DeviceSpace, scratch, free_scratch, *,
+class StagingRing:
+    """The staging sets of one step's streamed AdamW, for chunks of up to `chunk_elems`.
+    `scratch`/`free_scratch`: the placement's budget-charged device buffers. Made before the
+    jobs hold their cached param chunks on the device, so that making room for the ring may
+    still evict those."""
+
+    def __init__(self, scratch, free_scratch, chunk_elems: int, grad_dtype: torch.dtype,
+                 param_dtype: torch.dtype | None) -> None:
+        self.elems = slice_for(chunk_elems)
+        self.sets = [_Set(scratch, self.elems, grad_dtype, param_dtype) for _ in range(STAGING_SETS)]
+        self._free = free_scratch
+
+    def close(self) -> None:
+        """Give the buffers back (on the compute stream: later work queues behind their use)."""
+        for ring in self.sets:
+            for tensor in ring.buffers():
+                self._free(tensor)
+        self.sets = []
+
+
+def stream_adamw(jobs: list[StreamJob], ring: StagingRing, device: DeviceSpace, *,
                  coef: torch.Tensor | None, lr: float, config: OptimConfig):
-    """Update every job's group on the device; returns the event of the last write-back (the
-    host buffers hold the results once it completes) or None when there was nothing to do.
-    `scratch`/`free_scratch`: the placement's budget-charged device buffers. The steps in the
-    spans live on the device and were already advanced for this step."""
-    if not jobs:
-        return None
-    grad_dtype = jobs[0].grad.dtype
-    param_dtype = None if jobs[0].param is None else jobs[0].param.dtype
-    elems = slice_for(max(job.master.numel() for job in jobs))
-    sets = [_Set(scratch, elems, grad_dtype, param_dtype) for _ in range(STAGING_SETS)]
-    if coef is not None:
+    """Update every job's group on the device through `ring`; returns the event of the last
+    write-back (the host buffers hold the results once it completes) or None when there was
+    nothing to write back. The steps in the spans live on the device and were already advanced
+    for this step."""
+    if coef is not None and jobs:
         coef = coef.to(device.device)  # once; a device scalar when the norm was taken there
     last = None
     turn = 0
     for job in jobs:
-        for start, stop, spans in _slices(job.spans, elems):
-            ring = sets[turn % STAGING_SETS]
+        for start, stop, spans in _slices(job.spans, ring.elems):
+            staging = ring.sets[turn % STAGING_SETS]
             turn += 1
-            last = _one_slice(job, start, stop, spans, ring, device, coef, lr, config)
-    for ring in sets:  # returned to the allocator on the compute stream: later work queues behind
-        for tensor in ring.buffers():
-            free_scratch(tensor)
+            last = _one_slice(job, start, stop, spans, staging, device, coef, lr, config)
     return last
 
 
-def _one_slice(job: StreamJob, start: int, stop: int, spans: list[Span], ring: _Set, device: DeviceSpace,
+def _one_slice(job: StreamJob, start: int, stop: int, spans: list[Span], staging: _Set, device: DeviceSpace,
                coef: torch.Tensor | None, lr: float, config: OptimConfig):
     n = stop - start
-    master, exp_avg, exp_avg_sq = (ring.state[i * ring.wide.numel(): i * ring.wide.numel() + n] for i in range(3))
-    grad_in = ring.wide[:n] if ring.grad is None else ring.grad[:n]
+    size = staging.wide.numel()
+    master, exp_avg, exp_avg_sq = (staging.state[i * size: i * size + n] for i in range(3))
+    grad_in = staging.wide[:n] if staging.grad is None else staging.grad[:n]
     # the uploads wait for this set's previous write-back (stream waits only)
     ins = [(master, job.master), (exp_avg, job.exp_avg), (exp_avg_sq, job.exp_avg_sq), (grad_in, job.grad)]
-    uploaded = device.upload_into([(dst, src[start:stop]) for dst, src in ins], ring.free_after)
-    device.compute_wait(uploaded, ring.state)
-    wide = ring.wide[:n]
-    if ring.grad is not None:
+    uploaded = device.upload_into([(dst, src[start:stop]) for dst, src in ins], staging.free_after)
+    device.compute_wait(uploaded, staging.state)
+    wide = staging.wide[:n]
+    if staging.grad is not None:
         wide.copy_(grad_in)  # bf16 -> fp32 on the device
     if coef is not None:
         wide.mul_(coef)
@@ -129,12 +145,14 @@ def _one_slice(job: StreamJob, start: int, stop: int, spans: list[Span], ring: _
                         [exp_avg[a:b] for a, b in views], [exp_avg_sq[a:b] for a, b in views],
                         [s.step for s in chosen], lr=lr, config=config, decay=decay)
     outs = [(master, job.master), (exp_avg, job.exp_avg), (exp_avg_sq, job.exp_avg_sq)]
-    if ring.param is not None:
-        ring.param[:n].copy_(master)  # fp32 -> compute dtype over the whole slice (see the module doc)
-        outs.append((ring.param[:n], job.param))
+    if job.param_on_device:  # fp32 -> compute dtype over the whole slice (see the module doc)
+        job.param[start:stop].copy_(master)  # into the cached device copy: nothing crosses PCIe
+    elif job.param is not None:
+        staging.param[:n].copy_(master)
+        outs.append((staging.param[:n], job.param))
     # after the compute stream's update (a stream wait), D2H into the pinned host buffers
-    ring.free_after = device.download_into([(dst[start:stop], src) for src, dst in outs], None)
-    return ring.free_after
+    staging.free_after = device.download_into([(dst[start:stop], src) for src, dst in outs], None)
+    return staging.free_after
 
 
 def _slices(spans: list[Span], elems: int):
