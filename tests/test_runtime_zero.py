@@ -49,7 +49,8 @@ def _report(engine) -> dict:
     return {"state_groups": stats["state_groups"], "state_bytes": stats["optimizer_state_bytes"],
             "cpu_mem": engine.memory()["cpu_mem"], "weights": state["weights"],
             "moments": sorted(state["optimizer"]["exp_avg"]), "streamed": stats["streamed_groups"],
-            "reduced_in_backward": stats["reduced_in_backward"], "evictions": stats["evictions"]}
+            "reduced_in_backward": stats["reduced_in_backward"], "evictions": stats["evictions"],
+            "shared_on_device": stats["shared_on_device"], "updated_on_device": stats["params_updated_on_device"]}
 
 
 def _rank(rank: int, init: str, precision: str, share: float | None, accum: int, budget: int | None,
@@ -101,6 +102,10 @@ def test_each_rank_allocates_only_its_groups_optimizer_state(tmp_path, precision
             assert report["streamed"] and set(report["streamed"]) < set(report["state_groups"])
         else:
             assert report["streamed"] == []
+        if budget is None:  # every param chunk stays cached on the (simulated) device: the share
+            # broadcasts from and into those copies, and streamed AdamW updates bf16 ones there
+            assert report["shared_on_device"] > 0
+            assert (report["updated_on_device"] > 0) == bool(share and precision == "bf16")
         owned = sum(single.groups[g].param.numel for g in report["state_groups"])
         assert report["state_bytes"] == per_elem * owned
         # host memory: every param and grad chunk, optimizer state for owned groups alone

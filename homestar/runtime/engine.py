@@ -225,6 +225,7 @@ class ChunkedEngine:
             "streamed_groups": self.adamw.streamed_groups(),
             "params_updated_on_device": self.adamw.params_updated_on_device,
             "reduced_in_backward": self.adamw.ranks.reduced_in_backward,
+            "shared_on_device": self.adamw.ranks.shared_on_device,
             "state_groups": [g.index for g in self.groups if g.has_state],
             "optimizer_state_bytes": sum(c.nbytes for g in self.groups for c in g.optimizer_chunks()),
         }

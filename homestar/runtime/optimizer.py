@@ -54,7 +54,7 @@ class ChunkAdamW:
         """Per-parameter step count (0-d fp32, as torch's fused AdamW keeps it), by layout index."""
         self.step_count = 0
         """Optimizer steps applied (skipped steps excluded)."""
-        self.ranks = RankExchange(groups, self._hold, self._let_go)
+        self.ranks = RankExchange(groups, self._hold, self._let_go, self._hold_where_cached)
         """What the step exchanges with other ranks (nothing at world 1)."""
         self._infos_of: dict[int, list[ParamInfo]] = defaultdict(list)
         for info in table:
@@ -238,21 +238,18 @@ class ChunkAdamW:
         held there instead and updated in place: its new values stay on the device for the next
         forward (newer than the host copy, which is written back if the chunk is ever evicted),
         sparing a copy down now and one up then."""
-        device = self.placement.device.device
-        param = group.param if group.param is not group.master else None
-        cached = param is not None and param.resident and not param.in_use()
         master, exp_avg, exp_avg_sq = (self._hold(c, infos) for c in (group.master, group.exp_avg, group.exp_avg_sq))
-        if cached:
-            param_tensor = self.placement.acquire(param, [info.index for info in infos])
-            self.params_updated_on_device += 1
-        else:
-            param_tensor = None if param is None else self._hold(param, infos)
-        steps = [self._step_tensor(info, device) for info in infos]
+        param, cached = None, False
+        if group.param is not group.master:
+            param = self._hold_where_cached(group.param, infos)
+            cached = param is group.param.device  # held on the device: updated there
+            self.params_updated_on_device += cached
+        steps = [self._step_tensor(info, self.placement.device.device) for info in infos]
         torch._foreach_add_(steps, 1)
         spans = [Span(offset=i.slot.offset, numel=i.slot.numel, step=self.steps[i.index], decay=i.decay)
                  for i in infos]
         return StreamJob(spans=spans, grad=group.grad.host, master=master, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
-                         param=param_tensor, param_on_device=cached)
+                         param=param, param_on_device=cached)
 
     def _update_on_device(self, dev: list[tuple[ChunkGroup, list[ParamInfo]]], grads: dict[int, torch.Tensor],
                           lr: float, coef: torch.Tensor | None) -> None:
@@ -360,6 +357,13 @@ class ChunkAdamW:
         if self.groups[chunk.group].optimizer_on_device:
             return self.placement.acquire(chunk, indices)
         return self.placement.acquire_on_host(chunk, indices)
+
+    def _hold_where_cached(self, chunk: Chunk, infos: list[ParamInfo]) -> torch.Tensor:
+        """`_hold`, except that a host-homed chunk cached on the device is held there: its device
+        copy is read or rewritten in place (let go as written: newer than its host copy)."""
+        if chunk.home == "host" and chunk.resident and not chunk.in_use():
+            return self.placement.acquire(chunk, [info.index for info in infos])
+        return self._hold(chunk, infos)
 
     def _let_go(self, chunk: Chunk, infos: list[ParamInfo]) -> None:
         self.placement.release(chunk, [info.index for info in infos], Move.RELEASE, wrote=True)

@@ -3,9 +3,11 @@
 Each chunk group's grads are summed onto its owner rank: on the device as the step's last
 backward completes the grad chunk (`reduce_in_backward`: the collective runs while backward goes
 on), or in the step for a chunk that was not (`stage_grads`); after the owners' update each
-group's param chunk is broadcast from its owner (`share_params`). At world 1 every collective
-returns at once and nothing is staged. Chunks are held and let go through the optimizer's
-callbacks (where a group's chunks live is its business). Knows nothing of AdamW's maths.
+group's param chunk is broadcast from its owner (`share_params`): from and into the device copy
+where one is cached (left newer than its host copy), else through the host buffer. At world 1
+every collective returns at once and nothing is staged. Chunks are held and let go through the
+optimizer's callbacks (where a group's chunks live is its business). Knows nothing of AdamW's
+maths.
 """
 
 from __future__ import annotations
@@ -25,10 +27,14 @@ LetGo = Callable[[Chunk, list[ParamInfo]], None]
 class RankExchange:
     """The grads' and params' trips between ranks in one optimizer step."""
 
-    def __init__(self, groups: list[ChunkGroup], hold: Hold, let_go: LetGo) -> None:
+    def __init__(self, groups: list[ChunkGroup], hold: Hold, let_go: LetGo, hold_param: Hold) -> None:
         self.groups = groups
         self._hold = hold
         self._let_go = let_go
+        self._hold_param = hold_param
+        """Holds a param chunk for the share: its device copy where one is cached (the owner
+        broadcasts from it, the others receive into it: no trip through host memory), else
+        where it lives."""
         self.collective = Collective()
         """Which ranks share the work; groups not owned here get no update here."""
         self.reduced: set[int] = set()
@@ -37,6 +43,8 @@ class RankExchange:
         """Groups whose grad chunks `stage_grads` holds (let go when the step ends)."""
         self.reduced_in_backward = 0
         """Grad chunks summed onto their owner during backward, over the run (for tests)."""
+        self.shared_on_device = 0
+        """Param chunks broadcast from or into their device copy, over the run (for tests)."""
 
     def reduce_in_backward(self, chunk: Chunk):
         """Start summing a completed grad chunk (held on the device) onto its group's owner rank,
@@ -91,7 +99,9 @@ class RankExchange:
         landed: list = []
         for index, infos in by_group.items():
             chunk = self.groups[index].param
-            issued.append((self.collective.broadcast_from_owner(self._hold(chunk, infos), index), chunk, infos))
+            tensor = self._hold_param(chunk, infos)
+            self.shared_on_device += tensor is chunk.device
+            issued.append((self.collective.broadcast_from_owner(tensor, index), chunk, infos))
             if len(issued) > 1:
                 landed.append(issued.pop(0))
                 landed[-1][0].land()
