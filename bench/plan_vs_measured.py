@@ -29,6 +29,33 @@ def homestar(*args: str) -> list[dict]:
     return json.loads(text) if text.startswith("[") else [json.loads(line) for line in text.splitlines()]
 
 
+def planned(budgets: list[float], presets: list[str], device: str, cpu_mem_gib: float | None):
+    """(budget, preset, plan) of each preset `homestar plan` says fits each GPU budget, planned
+    for `cpu_mem_gib` of host memory (None: the detected amount); the others are said and left."""
+    host = [] if cpu_mem_gib is None else ["--cpu-mem-gib", str(cpu_mem_gib)]
+    for budget in budgets:
+        listed = homestar("plan", "--device", device, "--gpu-mem-gib", str(budget), *host, "--json")
+        if listed and listed[0].get("status") == "error":
+            print(f"plan at {budget:g} GiB failed: {listed[0]['message']}", flush=True)
+            continue
+        plans = {p["preset"]: p for p in listed}
+        for name in presets:
+            plan = plans.get(name)
+            if plan is None or plan.get("fits") == "no":
+                print(f"{name:6} {budget:6g} {plan and plan.get('fits')}: skipped (the plan says it does not fit)")
+                continue
+            yield budget, name, plan
+
+
+def bench_flags(name: str, plan: dict, budget: float, device: str, steps: int) -> list[str]:
+    """`homestar bench` with the plan's micro-batch and chunk size (and host chunk budget)."""
+    flags = ["bench", "--json", "--preset", name, "--device", device, "--gpu-mem-gib", str(budget),
+             "--micro-batch", str(plan["micro_batch"]), "--chunk-elems", str(plan["chunk_elems"]), "--steps", str(steps)]
+    if plan.get("host_chunk_gib"):  # bench's --cpu-mem-gib is the chunks' budget
+        flags += ["--cpu-mem-gib", str(plan["host_chunk_gib"])]
+    return flags
+
+
 GPU_BAR = 0.10
 HOST_BAR = 0.15
 
@@ -65,32 +92,16 @@ def main() -> None:
     parser.add_argument("--cpu-mem-gib", type=float, default=None,
                         help="plan for this much host memory (GiB) instead of the detected amount")
     args = parser.parse_args()
-    host = [] if args.cpu_mem_gib is None else ["--cpu-mem-gib", str(args.cpu_mem_gib)]
     print("preset budget fits  mb       chunk  gpu_pred gpu_meas  gpu_x  host_pred host_meas host_x   tok_s  verdict")
-    for budget in args.budgets:
-        listed = homestar("plan", "--device", args.device, "--gpu-mem-gib", str(budget), *host, "--json")
-        if listed and listed[0].get("status") == "error":
-            print(f"plan at {budget:g} GiB failed: {listed[0]['message']}", flush=True)
-            continue
-        plans = {p["preset"]: p for p in listed}
-        for name in args.presets:
-            plan = plans.get(name)
-            if plan is None or plan.get("fits") == "no":
-                print(f"{name:6} {budget:6g} {plan and plan.get('fits')}: skipped (the plan says it does not fit)")
-                continue
-            flags = ["bench", "--json", "--preset", name, "--device", args.device, "--gpu-mem-gib", str(budget),
-                     "--micro-batch", str(plan["micro_batch"]), "--chunk-elems", str(plan["chunk_elems"]),
-                     "--steps", str(args.steps), "--warmup", "1"]
-            if plan.get("host_chunk_gib"):  # bench's --cpu-mem-gib is the chunks' budget
-                flags += ["--cpu-mem-gib", str(plan["host_chunk_gib"])]
-            result = homestar(*flags)[0]
-            gpu_meas, host_meas = result.get("gpu_peak_gib", 0), result.get("cpu_peak_gib", 0)
-            gpu_x = ratio(gpu_meas, plan["gpu_peak_gib"]) if args.device == "cuda" else None
-            host_x = ratio(host_meas, plan["cpu_peak_gib"])
-            print(f"{name:6} {budget:6g} {plan['fits']:5} {plan['micro_batch']:3d} {plan['chunk_elems']:11d} {plan['gpu_peak_gib']:8.2f} "
-                  f"{gpu_meas:8.2f} {fmt_ratio(gpu_x):>6}  {plan['cpu_peak_gib']:9.2f} {host_meas:9.2f} "
-                  f"{fmt_ratio(host_x):>6}  {result.get('tok_s', 0):6.0f}  "
-                  f"{verdict(result, budget, gpu_x, host_x, args.device)}", flush=True)
+    for budget, name, plan in planned(args.budgets, args.presets, args.device, args.cpu_mem_gib):
+        result = homestar(*bench_flags(name, plan, budget, args.device, args.steps), "--warmup", "1")[0]
+        gpu_meas, host_meas = result.get("gpu_peak_gib", 0), result.get("cpu_peak_gib", 0)
+        gpu_x = ratio(gpu_meas, plan["gpu_peak_gib"]) if args.device == "cuda" else None
+        host_x = ratio(host_meas, plan["cpu_peak_gib"])
+        print(f"{name:6} {budget:6g} {plan['fits']:5} {plan['micro_batch']:3d} {plan['chunk_elems']:11d} {plan['gpu_peak_gib']:8.2f} "
+              f"{gpu_meas:8.2f} {fmt_ratio(gpu_x):>6}  {plan['cpu_peak_gib']:9.2f} {host_meas:9.2f} "
+              f"{fmt_ratio(host_x):>6}  {result.get('tok_s', 0):6.0f}  "
+              f"{verdict(result, budget, gpu_x, host_x, args.device)}", flush=True)
 
 
 if __name__ == "__main__":

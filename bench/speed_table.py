@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 
 from floors import floors
-from plan_vs_measured import homestar
+from plan_vs_measured import bench_flags, homestar, planned
 
 
 def main() -> None:
@@ -31,38 +31,23 @@ def main() -> None:
     parser.add_argument("--cpu-mem-gib", type=float, default=None,
                         help="plan for this much host memory (GiB) instead of the detected amount")
     args = parser.parse_args()
-    host = [] if args.cpu_mem_gib is None else ["--cpu-mem-gib", str(args.cpu_mem_gib)]
     print("preset   GiB  mb x acc    tok/s  TFLOP/s  step s  fwd+bwd s  optim s  GPU GiB  host GiB"
           "  floor tok/s: overlapped / serial  measured/serial  bound")
-    for budget in args.budgets:
-        listed = homestar("plan", "--device", args.device, "--gpu-mem-gib", str(budget), *host, "--json")
-        if listed and listed[0].get("status") == "error":
-            print(f"plan at {budget:g} GiB failed: {listed[0]['message']}", flush=True)
+    for budget, name, plan in planned(args.budgets, args.presets, args.device, args.cpu_mem_gib):
+        accum = plan["accum"] if args.accum == "plan" else 1
+        flags = [*bench_flags(name, plan, budget, args.device, args.steps), "--accum", str(accum)]
+        if args.warmup is not None:
+            flags += ["--warmup", str(args.warmup)]
+        r = homestar(*flags)[0]
+        if r.get("status") != "ok":
+            print(f"{name:6} {budget:5g}  {r.get('status')}: {r.get('message', '')}", flush=True)
             continue
-        plans = {p["preset"]: p for p in listed}
-        for name in args.presets:
-            plan = plans.get(name)
-            if plan is None or plan.get("fits") == "no":
-                print(f"{name:6} {budget:5g}  does not fit (plan)", flush=True)
-                continue
-            accum = plan["accum"] if args.accum == "plan" else 1
-            flags = ["bench", "--json", "--preset", name, "--device", args.device, "--gpu-mem-gib", str(budget),
-                     "--micro-batch", str(plan["micro_batch"]), "--accum", str(accum),
-                     "--chunk-elems", str(plan["chunk_elems"]), "--steps", str(args.steps)]
-            if args.warmup is not None:
-                flags += ["--warmup", str(args.warmup)]
-            if plan.get("host_chunk_gib"):  # bench's --cpu-mem-gib is the chunks' budget
-                flags += ["--cpu-mem-gib", str(plan["host_chunk_gib"])]
-            r = homestar(*flags)[0]
-            if r.get("status") != "ok":
-                print(f"{name:6} {budget:5g}  {r.get('status')}: {r.get('message', '')}", flush=True)
-                continue
-            f = floors(name, budget, plan["micro_batch"], accum)
-            parts = r.get("breakdown", {})
-            print(f"{name:6} {budget:5g} {plan['micro_batch']:3d} x {accum:<3d} {r['tok_s']:8,.0f} {r['tflops']:8.1f}"
-                  f" {r['step_s']:7.3f} {parts.get('forward_backward', 0):10.3f} {parts.get('optimizer', 0):8.3f}"
-                  f" {r['gpu_peak_gib']:8.2f} {r['cpu_peak_gib']:9.2f}  {f['overlapped']:14,.0f} / {f['serial']:8,.0f}"
-                  f"  {r['tok_s'] / f['serial']:15.2f}  {f['bound']}", flush=True)
+        f = floors(name, budget, plan["micro_batch"], accum)
+        parts = r.get("breakdown", {})
+        print(f"{name:6} {budget:5g} {plan['micro_batch']:3d} x {accum:<3d} {r['tok_s']:8,.0f} {r['tflops']:8.1f}"
+              f" {r['step_s']:7.3f} {parts.get('forward_backward', 0):10.3f} {parts.get('optimizer', 0):8.3f}"
+              f" {r['gpu_peak_gib']:8.2f} {r['cpu_peak_gib']:9.2f}  {f['overlapped']:14,.0f} / {f['serial']:8,.0f}"
+              f"  {r['tok_s'] / f['serial']:15.2f}  {f['bound']}", flush=True)
 
 
 if __name__ == "__main__":
