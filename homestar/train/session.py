@@ -160,8 +160,11 @@ class Session:
     resumed: bool
 
     def run(self) -> str:
+        ended_well = False
         try:
-            return self.trainer.run(resumed=self.resumed)
+            status = self.trainer.run(resumed=self.resumed)
+            ended_well = True
+            return status
         except BaseException as exc:
             if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 self.trainer.emit(ev.Error(time=time.time(), step=self.trainer.progress.step,
@@ -173,7 +176,7 @@ class Session:
             for sink in self.sinks_to_close:
                 sink.close()
             self.lock.release()
-            leave()
+            leave(together=ended_well)
 
 
 def start_run(request: TrainRequest, sinks: list) -> Session:
