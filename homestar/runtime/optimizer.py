@@ -362,7 +362,7 @@ class ChunkAdamW:
         """`_hold`, except that a host-homed chunk cached on the device is held there: its device
         copy is read or rewritten in place (let go as written: newer than its host copy)."""
         if chunk.home == "host" and chunk.resident and not chunk.in_use():
-            return self.placement.acquire(chunk, [info.index for info in infos])
+            return self.placement.hold_resident(chunk, [info.index for info in infos])
         return self._hold(chunk, infos)
 
     def _let_go(self, chunk: Chunk, infos: list[ParamInfo]) -> None:

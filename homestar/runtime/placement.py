@@ -79,6 +79,19 @@ class Placement:
             self.device.open_window()  # after this moment's own allocations
         return chunk.device
 
+    def hold_resident(self, chunk: Chunk, indices: Iterable[int]) -> torch.Tensor:
+        """Mark the given slots of a chunk that has a device copy COMPUTE, so it stays there,
+        and return that copy: for the optimizer, which reads or rewrites a cached copy in place.
+        Not an access of the trace: whether a chunk is still cached when the step comes must not
+        change the step's trace (a trace that changes is recorded again, and recording evicts)."""
+        if not chunk.resident:
+            raise RuntimeError(f"{chunk!r} has no device copy")
+        chunk.move_many(indices, Move.ACQUIRE)
+        if chunk.ready is not None:
+            self.device.compute_wait(chunk.ready, chunk.device)  # stream wait, no host sync
+            chunk.ready = None
+        return chunk.device
+
     def release(self, chunk: Chunk, indices: Iterable[int], move: Move, *, wrote: bool = False) -> None:
         """End a use of the given slots; `wrote` marks the device copy newer than the host's."""
         chunk.move_many(indices, move)
