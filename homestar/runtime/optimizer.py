@@ -183,13 +183,6 @@ class ChunkAdamW:
         cpu = [(self.groups[i], infos) for i, infos in owned.items()
                if not self.groups[i].optimizer_on_device and i not in self._streamed]
         held = [(group, infos, self._hold_state(group, infos)) for group, infos in cpu]
-        ring = None
-        if streamed:  # before the jobs hold cached param chunks: making room may evict those
-            first = streamed[0][0]
-            ring = StagingRing(self.placement.scratch, self.placement.free_scratch,
-                               max(group.master.numel for group, _ in streamed), first.grad.dtype,
-                               None if first.param is first.master else first.param.dtype)
-        jobs = [self._stream_job(group, infos) for group, infos in streamed]
         host_coef = None if coef is None or not held else coef.cpu()  # one small copy, not one per group
         times = {"opt_cpu_adam": 0.0}
 
@@ -200,7 +193,7 @@ class ChunkAdamW:
             times["opt_cpu_adam"] = time.perf_counter() - begin
 
         pending = None
-        if held and (dev or jobs):
+        if held and (dev or streamed):
             if self._worker is None:
                 self._worker = ThreadPoolExecutor(1, thread_name_prefix="homestar-cpu-adam")  # reused
             pending = self._worker.submit(cpu_work)
@@ -208,14 +201,21 @@ class ChunkAdamW:
             cpu_work()
         begin = time.perf_counter()
         device = self.placement.device
-        wide_coef = None if coef is None or not jobs or jobs[0].grad.dtype == torch.float32 else coef
-        last = None
-        if ring is not None:
+        # the device-homed groups first: their scratch may need room that the streamed groups'
+        # cached param chunks, held for their update below, would no longer give up
+        self._update_on_device(dev, grads, lr, coef)
+        last, jobs = None, []
+        if streamed:
+            first = streamed[0][0]  # the ring before the jobs hold cached param chunks, for the same reason
+            ring = StagingRing(self.placement.scratch, self.placement.free_scratch,
+                               max(group.master.numel for group, _ in streamed), first.grad.dtype,
+                               None if first.param is first.master else first.param.dtype)
             try:
-                last = stream_adamw(jobs, ring, device, coef=wide_coef, lr=lr, config=self.config)  # fp32: clipped
+                jobs = [self._stream_job(group, infos) for group, infos in streamed]
+                wide_coef = None if coef is None or first.grad.dtype == torch.float32 else coef  # fp32: clipped
+                last = stream_adamw(jobs, ring, device, coef=wide_coef, lr=lr, config=self.config)
             finally:
                 ring.close()
-        self._update_on_device(dev, grads, lr, coef)
         cpu_elems, streamed_elems = (sum(g.grad.numel for g, _ in part) for part in (cpu, streamed))
         if jobs:
             device.host_wait(last)  # sync: the streamed groups' host buffers hold their update
