@@ -68,20 +68,21 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
 class LazyTensors(Mapping):
     """Tensors of safetensors files by name, each read from its file when asked for: a fresh
     host tensor the caller owns (nothing is kept here), so the caller's peak is one tensor, not
-    the files. `shape_of` reads a header alone. Built from headers only (a few KB per file).
+    the files. Built from headers only (a few KB per file, each read once: names and shapes).
     A file that became unreadable since raises OSError naming it."""
 
-    def __init__(self, index: dict[str, tuple[Path, str]]) -> None:
+    def __init__(self, index: dict[str, tuple[Path, str, tuple[int, ...]]]) -> None:
         self._index = index
-        """Name -> (file, the tensor's name in that file)."""
+        """Name -> (file, the tensor's name in that file, its shape)."""
 
     @classmethod
     def of_files(cls, files: list[tuple[Path, set[str] | None]]) -> "LazyTensors":
         """The tensors of each (file, names) pair: all of the file's for None, else those named."""
-        index: dict[str, tuple[Path, str]] = {}
+        index: dict[str, tuple[Path, str, tuple[int, ...]]] = {}
         for path, names in files:
-            keys = _reading(path, lambda f: list(f.keys()))
-            index.update((key, (path, key)) for key in keys if names is None or key in names)
+            found = _reading(path, lambda f: [(k, tuple(f.get_slice(k).get_shape())) for k in f.keys()
+                                              if names is None or k in names])
+            index.update((key, (path, key, shape)) for key, shape in found)
         return cls(index)
 
     def under(self, prefix: str) -> "LazyTensors":
@@ -90,12 +91,11 @@ class LazyTensors(Mapping):
         return LazyTensors({k[len(start):]: v for k, v in self._index.items() if k.startswith(start)})
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        path, key = self._index[name]
+        path, key, _ = self._index[name]
         return _reading(path, lambda f: f.get_tensor(key))  # cost: reads this tensor's bytes
 
     def shape_of(self, name: str) -> tuple[int, ...]:
-        path, key = self._index[name]
-        return tuple(_reading(path, lambda f: f.get_slice(key).get_shape()))
+        return self._index[name][2]  # from the header read at build: no I/O
 
     def __contains__(self, name: object) -> bool:
         return name in self._index  # no read (Mapping's own would read the tensor)
