@@ -12,6 +12,7 @@
 #   bash bench/gpu_session.sh waits    # CUDA tests; 1.3b with the host's waits spinning vs sleeping, alternating (~3 min)
 #   bash bench/gpu_session.sh table8   # every preset at the plan's settings, 8 GiB, against the floors (~6 min); table24 likewise
 #   bash bench/gpu_session.sh speed    # both AdamW engines sharing the host; 1.3b, 2.7b, 4b at 2048 tokens, 8 GiB (~9 min)
+#   bash bench/gpu_session.sh profile  # 1.3b's step taken apart (bench/profile_step.py); 1.3b, 2.7b, 4b at 2048 tokens (~9 min)
 # Timings are estimates from one day's runs; every command has its own timeout so one slow item
 # cannot take the rest of the call with it.
 set -u
@@ -91,6 +92,12 @@ PY
     bench 1.3b_8 120 --preset 1.3b "${B8[@]}" --steps 3
     bench 2.7b_8 150 --preset 2.7b "${B8[@]}" --steps 3
     bench 4b_8 190 --preset 4b "${B8[@]}" --steps 3 ;;
-  *) echo "usage: bash bench/gpu_session.sh checks|small|large|plan8|plan8big|plan24|stream|speed" >&2; exit 2 ;;
+  profile)  # where 1.3b's step goes, then the targets at 2048 tokens per step
+    say "profile 1.3b"; PYTHONPATH=. timeout 150 python bench/profile_step.py --preset 1.3b --gpu-mem-gib 8 --trace "$OUT" 2>&1 \
+      | grep -v Warning | tee "$OUT/profile_1.3b.txt"
+    bench 1.3b_8 120 --preset 1.3b "${B8[@]}" --steps 3
+    bench 2.7b_8 150 --preset 2.7b "${B8[@]}" --steps 3
+    bench 4b_8 190 --preset 4b "${B8[@]}" --steps 3 ;;
+  *) echo "usage: bash bench/gpu_session.sh checks|small|large|plan8|plan8big|plan24|stream|fits|waits|table8|table24|speed|profile" >&2; exit 2 ;;
 esac
 say done

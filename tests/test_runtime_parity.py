@@ -9,7 +9,9 @@ from __future__ import annotations
 import functools
 
 import pytest
+import torch
 
+from homestar.runtime.optimizer import worker_threads
 from runtime_helpers import (
     Setup,
     assert_weights_close,
@@ -76,3 +78,20 @@ def test_parity_with_torch_adamw(name):
     if name == "clip-active":
         assert min(ref_norms) > setup.grad_clip  # the clip really scaled every step
     engine.close()
+
+
+def test_cpu_adamw_leaves_cores_to_the_thread_driving_the_device():
+    """With AdamW streamed through the device, the CPU's groups run on a worker thread whose
+    parallel loops leave the thread driving the device one core in eight, at most two."""
+    assert [worker_threads(n) for n in (1, 2, 7, 8, 15, 16, 64)] == [1, 2, 7, 7, 14, 14, 62]
+    setup = Setup()
+    engine = attach_copy(make_model(setup), setup, budget_chunks=6, optimizer_stream_share=0.5)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(8)
+    try:
+        train_engine(engine, batches(1, setup.accum))
+        assert engine.stats()["streamed_groups"]  # the worker ran beside the streamed update
+        assert engine.adamw._worker.submit(torch.get_num_threads).result() == 7
+    finally:
+        torch.set_num_threads(previous)
+        engine.close()
