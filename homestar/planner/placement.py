@@ -146,8 +146,8 @@ def steady_state(est: Estimate, *, cpu_cap: float, gpu_cap: int) -> tuple[list[b
     plus device-homed groups plus cached params plus a grad chunk in flight: for a model larger
     than the card, within one group (or, when not every param chunk fits, one param chunk) of
     the budget; for a model that fits, every chunk plus non-model memory, well under it. The
-    step holds the device groups, the cache and the fp32 buffer bf16 grads are widened into,
-    without activations; the warm-up before the re-plan holds less. On the simulated device
+    step holds the device groups, the cache and either the fp32 buffer the device groups' bf16
+    grads are widened into or the streamed AdamW's staging ring, without activations; the warm-up before the re-plan holds less. On the simulated device
     this is the runtime's accounted peak to the byte (tests/test_planner.py). On CUDA torch's
     reserved bytes add their own rounding and cached blocks on top (not modelled: a streaming
     model's reserved peak ends near the cap `--gpu-mem-gib` sets, 4-6% above this figure at
@@ -176,7 +176,9 @@ def steady_state(est: Estimate, *, cpu_cap: float, gpu_cap: int) -> tuple[list[b
         if cached + group.param <= room:
             cached += group.param
     backward = est.nonmodel + homed + cached + in_flight
-    step = homed + cached + est.widen_scratch(homes) + (staging if hosted else 0)
+    # the step widens the device groups' grads first and frees that buffer before the streamed
+    # groups' staging ring is made (`ChunkAdamW._adam_all`): the two never coexist
+    step = homed + cached + max(est.widen_scratch(homes), staging if hosted else 0)
     return homes, cached, min(gpu_cap, max(backward, step))
 
 
