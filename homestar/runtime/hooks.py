@@ -86,6 +86,11 @@ class RuntimeHooks:
         """Grad chunks handed to `grad_done` in this backward."""
         self._pending: list[tuple[Chunk, list[int], Callable[[], None]]] = []
         """Handed chunks still held, with the slots to let go and the finisher to run first."""
+        self._adding: tuple[Chunk, list[int]] | None = None
+        """The grad chunk backward is adding gradients into, held with the slots it added so
+        far: one placement access (trace, room, prefetch) per run of gradients into one chunk,
+        not one per parameter. Let go when a gradient for another chunk arrives, when all of
+        its gradients did, or when backward ends."""
         for module in model.modules():
             owned = self._owned(module)
             if owned:
@@ -206,21 +211,40 @@ class RuntimeHooks:
             return
         grad, param.grad = param.grad, None
         chunk = info.group.grad
-        device_tensor = self.placement.acquire(chunk, [info.index])
+        device_tensor = self._add_into(chunk, info.index)
         chunk.view(device_tensor, info.slot, info.shape).add_(grad)  # accumulates in the chunk's dtype (fp32 casts)
         info.has_grad = True
         self._end_hold(info)
-        if self._completes(chunk):
-            self._hand_over(chunk, [info.index])  # stays held until the next one completes
-            return
-        self.placement.release(chunk, [info.index], Move.RELEASE_BWD, wrote=True)
-        self.placement.offload_if_done(chunk)
-
-    def _completes(self, chunk: Chunk) -> bool:
-        if not (self.last_backward and self.grad_done):
-            return False
         self._arrived[chunk.id] = self._arrived.get(chunk.id, 0) + 1
-        return self._arrived[chunk.id] == self._expected[chunk.id]
+        if self._arrived[chunk.id] < self._expected[chunk.id]:
+            return  # more of its gradients come in this backward: kept held
+        _, held = self._adding
+        self._adding = None
+        if self.last_backward and self.grad_done:
+            self._hand_over(chunk, held)  # stays held until the next one completes
+        else:
+            self._let_go_grads(chunk, held)
+
+    def _add_into(self, chunk: Chunk, index: int) -> torch.Tensor:
+        """Hold `chunk`'s slot `index` for a gradient to be added; the device copy."""
+        if self._adding is not None and self._adding[0] is chunk:
+            chunk.move(index, Move.ACQUIRE)  # the chunk is held on the device already
+            self._adding[1].append(index)
+            return chunk.device
+        self._stop_adding()
+        device_tensor = self.placement.acquire(chunk, [index])
+        self._adding = (chunk, [index])
+        return device_tensor
+
+    def _stop_adding(self) -> None:
+        if self._adding is not None:
+            chunk, held = self._adding
+            self._adding = None
+            self._let_go_grads(chunk, held)
+
+    def _let_go_grads(self, chunk: Chunk, held: list[int]) -> None:
+        self.placement.release(chunk, held, Move.RELEASE_BWD, wrote=True)
+        self.placement.offload_if_done(chunk)
 
     def _hand_over(self, chunk: Chunk, held: list[int]) -> None:
         """Tell `grad_done` (the chunk is held); finish and let go the one handed before, so
@@ -255,6 +279,7 @@ class RuntimeHooks:
 
     def end_backward(self) -> None:
         """End every backward hold still open (params that got no gradient) and reset states."""
+        self._stop_adding()  # a chunk some of whose parameters got no gradient
         for index in sorted(self._backward_held):
             self._end_hold(self.table.infos[index])
         self._hand_over_rest()
@@ -267,6 +292,7 @@ class RuntimeHooks:
         self._arrived.clear()
         self._handed.clear()
         self._pending.clear()  # emptied by end_backward; only a failed run leaves some (abandoned)
+        self._adding = None  # likewise
         self.last_backward = False
         if not self.resident:
             self.table.unbind_all()
