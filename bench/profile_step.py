@@ -21,35 +21,19 @@ import pstats
 import shutil
 import statistics
 import time
-from dataclasses import asdict
 
 import torch
 
-from homestar.bench import GIB, BenchRequest, _engine
-from homestar.model import GPT, GPTConfig, load_preset
-from homestar.optim import OptimConfig
+from homestar import bench
 
 
-def build(args):
-    preset = load_preset(args.preset)
-    config = GPTConfig(**{**asdict(preset.model), **({"seq_len": args.seq_len} if args.seq_len else {})})
-    cuda = args.device == "cuda"
-    if cuda:
-        from homestar.runtime.cuda import cap_allocator
-
-        cap_allocator(int(args.gpu_mem_gib * GIB))
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = GPT(config, checkpoint_activations=cuda)
-    optim = OptimConfig(lr=preset.train.lr, weight_decay=preset.train.weight_decay, grad_clip=preset.train.grad_clip)
-    request = BenchRequest(preset=args.preset, device=args.device, gpu_mem_gib=args.gpu_mem_gib)
-    engine = _engine(request, model, optim, args.device, "bf16" if cuda else "fp32", args.micro_batch)
-    batch = torch.randint(config.vocab_size, (args.micro_batch, config.seq_len + 1),
-                          generator=torch.Generator().manual_seed(0))
-    x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
-    if cuda:
-        x, y = x.pin_memory(), y.pin_memory()
-    return engine, x, y, preset.train.lr
+def setup(args):
+    """The engine and micro-batch `homestar bench` would time for these arguments, and the lr."""
+    request = bench.BenchRequest(preset=args.preset, device=args.device, gpu_mem_gib=args.gpu_mem_gib,
+                                 micro_batch=args.micro_batch, seq_len=args.seq_len)
+    run = bench.resolve(request)
+    engine, x, y = bench.build(request, run)
+    return engine, x, y, run.optim.lr
 
 
 def sync() -> None:
@@ -81,7 +65,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run of this script (--seq-len small)")
     parser.add_argument("--seq-len", type=int, default=None)
     args = parser.parse_args()
-    engine, x, y, lr = build(args)
+    engine, x, y, lr = setup(args)
     for _ in range(args.warmup):
         step(engine, x, y, lr)
     timed = [step(engine, x, y, lr) for _ in range(args.steps)]

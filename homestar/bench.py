@@ -107,44 +107,76 @@ def _measure(request: BenchRequest) -> BenchResult:
     return _measure_steps(request)
 
 
-def _measure_steps(request: BenchRequest) -> BenchResult:
-    import torch
+@dataclass(slots=True)
+class Resolved:
+    """What a request trains, resolved: the model's shape and how and where it trains."""
 
-    from homestar.model import GPT, GPTConfig, load_preset
+    preset: str
+    config: object
+    """The model's `GPTConfig` (the preset's, with the request's sequence length)."""
+    device: str
+    precision: str
+    micro_batch: int
+    checkpointing: bool
+    optim: object
+    """The preset's `OptimConfig`."""
+
+
+def resolve(request: BenchRequest) -> Resolved:
+    """The request's preset, device and precision as the run will have them."""
+    from homestar.model import GPTConfig, load_preset
     from homestar.optim import OptimConfig
     from homestar.train.build import resolve_device, resolve_precision
 
     preset = load_preset(request.preset)
     device = resolve_device(request.device)
-    precision = resolve_precision(request.precision, device)
     shape = {**asdict(preset.model)}
     if request.seq_len:
         shape["seq_len"] = request.seq_len
-    config = GPTConfig(**shape)
-    micro_batch = request.micro_batch or preset.train.micro_batch
-    result = BenchResult(system=request.system, preset=preset.name, params=config.num_params(), status="ok",
-                         micro_batch=micro_batch, accum=request.accum, seq_len=config.seq_len, device=device,
-                         precision=precision, gpu_mem_gib=request.gpu_mem_gib)
     checkpointing = device == "cuda" if request.activation_checkpointing is None else request.activation_checkpointing
-    result.checkpointing = checkpointing
-    optim = OptimConfig(lr=preset.train.lr, weight_decay=preset.train.weight_decay, grad_clip=preset.train.grad_clip)
-    try:
-        if device == "cuda" and request.gpu_mem_gib:
-            from homestar.runtime.cuda import cap_allocator
+    return Resolved(
+        preset=preset.name, config=GPTConfig(**shape), device=device,
+        precision=resolve_precision(request.precision, device),
+        micro_batch=request.micro_batch or preset.train.micro_batch, checkpointing=checkpointing,
+        optim=OptimConfig(lr=preset.train.lr, weight_decay=preset.train.weight_decay, grad_clip=preset.train.grad_clip))
 
-            cap_allocator(int(request.gpu_mem_gib * GIB))
-        torch.manual_seed(0)
-        if request.system == "torch":
-            model = GPT(config, checkpoint_activations=checkpointing)
-        else:  # shapes only: the runtime makes each parameter as it packs it (as `homestar train` does)
-            with torch.device("meta"):
-                model = GPT(config, checkpoint_activations=checkpointing)
-        engine = _engine(request, model, optim, device, precision, micro_batch)
-        gen = torch.Generator().manual_seed(0)
-        batch = torch.randint(config.vocab_size, (micro_batch, config.seq_len + 1), generator=gen)
-        x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
-        if device == "cuda":
-            x, y = x.pin_memory(), y.pin_memory()
+
+def build(request: BenchRequest, run: Resolved):
+    """The engine (the GPU capped at the request's budget first) and one seeded micro-batch
+    (x, y), pinned on CUDA; the same for every system and every step."""
+    import torch
+
+    from homestar.model import GPT
+
+    if run.device == "cuda" and request.gpu_mem_gib:
+        from homestar.runtime.cuda import cap_allocator
+
+        cap_allocator(int(request.gpu_mem_gib * GIB))
+    torch.manual_seed(0)
+    if request.system == "torch":
+        model = GPT(run.config, checkpoint_activations=run.checkpointing)
+    else:  # shapes only: the runtime makes each parameter as it packs it (as `homestar train` does)
+        with torch.device("meta"):
+            model = GPT(run.config, checkpoint_activations=run.checkpointing)
+    engine = _engine(request, model, run.optim, run.device, run.precision, run.micro_batch)
+    gen = torch.Generator().manual_seed(0)
+    batch = torch.randint(run.config.vocab_size, (run.micro_batch, run.config.seq_len + 1), generator=gen)
+    x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+    if run.device == "cuda":
+        x, y = x.pin_memory(), y.pin_memory()
+    return engine, x, y
+
+
+def _measure_steps(request: BenchRequest) -> BenchResult:
+    import torch
+
+    run = resolve(request)
+    config, device, micro_batch = run.config, run.device, run.micro_batch
+    result = BenchResult(system=request.system, preset=run.preset, params=config.num_params(), status="ok",
+                         micro_batch=micro_batch, accum=request.accum, seq_len=config.seq_len, device=device,
+                         precision=run.precision, gpu_mem_gib=request.gpu_mem_gib, checkpointing=run.checkpointing)
+    try:
+        engine, x, y = build(request, run)
         times, breakdown = [], {}
         if hasattr(engine, "time_phases"):
             engine.time_phases()  # forward, backward, copies each way: timing events, no syncs
@@ -157,7 +189,7 @@ def _measure_steps(request: BenchRequest) -> BenchResult:
             if device == "cuda":
                 torch.cuda.synchronize()  # note: a bench-only sync, to split forward+backward from the step
             t1 = time.perf_counter()
-            report = engine.step(preset.train.lr)
+            report = engine.step(run.optim.lr)
             float(torch.stack(losses).sum())  # note: sync, as the trainer does once per step
             if device == "cuda":
                 torch.cuda.synchronize()

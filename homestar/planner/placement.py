@@ -147,8 +147,9 @@ def steady_state(est: Estimate, *, cpu_cap: float, gpu_cap: int) -> tuple[list[b
     than the card, within one group (or, when not every param chunk fits, one param chunk) of
     the budget; for a model that fits, every chunk plus non-model memory, well under it. The
     step holds the device groups, the cache and either the fp32 buffer the device groups' bf16
-    grads are widened into or the streamed AdamW's staging ring, without activations; the warm-up before the re-plan holds less. On the simulated device
-    this is the runtime's accounted peak to the byte (tests/test_planner.py). On CUDA torch's
+    grads are widened into or the streamed AdamW's staging ring, without activations; the
+    warm-up before the re-plan holds less. On the simulated device this is the runtime's
+    accounted peak to the byte (tests/test_planner.py). On CUDA torch's
     reserved bytes add their own rounding and cached blocks on top (not modelled: a streaming
     model's reserved peak ends near the cap `--gpu-mem-gib` sets, 4-6% above this figure at
     8 GiB; BENCHMARKS.md).

@@ -70,9 +70,7 @@ class Placement:
         self._make_room(0 if resident else chunk.nbytes, nonmodel)
         if not resident:
             self._fetch(chunk, make_room=False, empty=empty)
-        if chunk.ready is not None:
-            self.device.compute_wait(chunk.ready, chunk.device)  # stream wait, no host sync
-            chunk.ready = None
+        self._await_ready(chunk)
         self._peak(self.device.used + nonmodel)
         self.prefetch(nonmodel)
         if sampling:
@@ -87,10 +85,14 @@ class Placement:
         if not chunk.resident:
             raise RuntimeError(f"{chunk!r} has no device copy")
         chunk.move_many(indices, Move.ACQUIRE)
+        self._await_ready(chunk)
+        return chunk.device
+
+    def _await_ready(self, chunk: Chunk) -> None:
+        """Compute uses the chunk's device copy after its pending upload (if any) lands."""
         if chunk.ready is not None:
             self.device.compute_wait(chunk.ready, chunk.device)  # stream wait, no host sync
             chunk.ready = None
-        return chunk.device
 
     def release(self, chunk: Chunk, indices: Iterable[int], move: Move, *, wrote: bool = False) -> None:
         """End a use of the given slots; `wrote` marks the device copy newer than the host's."""
