@@ -65,13 +65,17 @@ def main() -> None:
                                cpu["param"], scratch, coef=None, lr=1e-4, config=config)
         return time.perf_counter() - begin
 
+    issued: list[float] = []
+    """Seconds the host took to queue each streamed run (its last copy not yet landed)."""
+
     def stream_run() -> float:
         torch.cuda.synchronize()
         begin = time.perf_counter()
         job = StreamJob(spans=dev_spans, **dev)
         ring = StagingRing(lambda n, d: torch.empty(n, dtype=d, device=device.device), lambda t: None,
                            args.stream_elems, torch.bfloat16, torch.bfloat16)
-        last = stream_adamw([job], ring, device, coef=None, lr=1e-4, config=config)
+        (last,) = stream_adamw([job], ring, device, coef=None, lr=1e-4, config=config)
+        issued.append(time.perf_counter() - begin)
         device.host_wait(last)
         return time.perf_counter() - begin
 
@@ -83,7 +87,7 @@ def main() -> None:
     for blocking in (False, True):
         device.blocking_waits = blocking
         print(f"host waits {'sleep' if blocking else 'spin'}:")
-        print(f"  streamed alone        {rate(args.stream_elems, stream_run())}")
+        print(f"  streamed alone        {rate(args.stream_elems, stream_run())} (queued in {issued[-1]:.3f} s)")
         for threads in counts:
             alone = worker.submit(cpu_run, threads).result()
             both = worker.submit(cpu_run, threads)
@@ -91,7 +95,8 @@ def main() -> None:
             together = both.result()
             total = (args.cpu_elems + args.stream_elems) / max(together, streamed)
             print(f"  {threads:2} threads: CPU alone {rate(args.cpu_elems, alone)} | at once: CPU "
-                  f"{rate(args.cpu_elems, together)}, streamed {rate(args.stream_elems, streamed)}, "
+                  f"{rate(args.cpu_elems, together)}, streamed {rate(args.stream_elems, streamed)} (queued in "
+                  f"{issued[-1]:.3f} s), "
                   f"both {total / 1e9:.2f} G/s = {total * _BYTES_PER_ELEM / 1e9:.0f} GB/s of host memory")
     worker.shutdown()
 

@@ -4,9 +4,13 @@ Each system runs in its own child process, so memory peaks are its own and one r
 memory cannot take the other down. Needs neither textual nor datasets (the GPU machine has
 neither). TFLOP/s counts 6*params + 12*layers*seq*d_model FLOPs per token (SPEC).
 
-The breakdown, per timed step on average: forward, backward and forward_backward (wall time to
-the end of backward), h2d and d2h (seconds the upload and offload streams spent copying, which
-overlap compute), the optimizer and its parts (opt_*). Steps are timed between device syncs.
+The breakdown, per timed step on average: forward and backward (device time on the compute
+stream), forward_backward (the host's time in them; the device may still be computing), h2d and
+d2h (seconds the upload and offload streams spent copying, which overlap compute; copies of the
+AdamW streamed beside the next forward are not counted), the optimizer and its parts (opt_*:
+the host's time in the step; on one process its AdamW then goes on beside the next forward).
+The timed steps run back to back with no device sync between them, as training runs them;
+`step_s` is their mean, the last step's update and every queued copy included.
 """
 
 from __future__ import annotations
@@ -177,39 +181,36 @@ def _measure_steps(request: BenchRequest) -> BenchResult:
                          precision=run.precision, gpu_mem_gib=request.gpu_mem_gib, checkpointing=run.checkpointing)
     try:
         engine, x, y = build(request, run)
-        times, breakdown = [], {}
+        breakdown: dict[str, float] = {}
         if hasattr(engine, "time_phases"):
             engine.time_phases()  # forward, backward, copies each way: timing events, no syncs
         warmup = request.warmup if request.warmup is not None else _settling_steps(engine)
-        for i in range(warmup + request.steps):
-            if device == "cuda":
-                torch.cuda.synchronize()  # note: timing boundary, outside the measured work
-            t0 = time.perf_counter()
-            losses = [engine.forward_backward(x, y, request.accum) for _ in range(request.accum)]
-            if device == "cuda":
-                torch.cuda.synchronize()  # note: a bench-only sync, to split forward+backward from the step
-            t1 = time.perf_counter()
-            report = engine.step(run.optim.lr)
-            float(torch.stack(losses).sum())  # note: sync, as the trainer does once per step
-            if device == "cuda":
-                torch.cuda.synchronize()
-            phases = engine.take_phases() if hasattr(engine, "take_phases") else {}  # after the sync above
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-                for k, v in phases.items():
-                    breakdown[k] = breakdown.get(k, 0.0) + v / request.steps
-                breakdown["forward_backward"] = breakdown.get("forward_backward", 0.0) + (t1 - t0) / request.steps
-                for k, v in report.timings.items():
-                    breakdown[k] = breakdown.get(k, 0.0) + v / request.steps
-        step_s = sorted(times)[len(times) // 2]  # median: robust to one slow step
+        for _ in range(warmup):
+            _one_step(engine, x, y, request, run.optim.lr)
+        _drain(engine, device)
+        if hasattr(engine, "take_phases"):
+            engine.take_phases()  # the warm-up's spans are not reported
+        # the timed steps run back to back, as training runs them: no device sync between them
+        # (a step's update may still run beside the next forward); the last step's update is
+        # ended and every queued kernel and copy waited for inside the timed span
+        start = time.perf_counter()
+        for _ in range(request.steps):
+            for k, v in _one_step(engine, x, y, request, run.optim.lr).items():
+                breakdown[k] = breakdown.get(k, 0.0) + v / request.steps
+        _drain(engine, device)
+        step_s = (time.perf_counter() - start) / request.steps
+        for k, v in (engine.take_phases() if hasattr(engine, "take_phases") else {}).items():
+            breakdown[k] = breakdown.get(k, 0.0) + v / request.steps
         tokens = micro_batch * request.accum * config.seq_len
         result.step_s = step_s
         result.tok_s = tokens / step_s
         result.tflops = result.tok_s * config.flops_per_token() / 1e12
+        stats = engine.stats() if hasattr(engine, "stats") else {}
+        if "updates_ended_early" in stats:  # over warm-up and timed steps
+            breakdown["updates_ended_early"] = float(stats["updates_ended_early"])
         result.breakdown = breakdown
         if device == "cuda":
             # the chunk runtime resets torch's peak counters as it traces, and keeps the true peak
-            stats = engine.stats() if hasattr(engine, "stats") else {}
             result.gpu_peak_gib = max(torch.cuda.max_memory_reserved(), stats.get("allocator_peak_bytes", 0)) / GIB
         else:
             result.gpu_peak_gib = engine.memory()["gpu_peak"] / GIB
@@ -220,6 +221,29 @@ def _measure_steps(request: BenchRequest) -> BenchResult:
         result.status, result.message = "oom", first_line(exc, 200)
     result.cpu_peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
     return result
+
+
+def _one_step(engine, x, y, request: BenchRequest, lr: float) -> dict[str, float]:
+    """One optimizer step as the trainer takes it; its timings: the step report's, and the host's
+    seconds in forward and backward (`forward_backward`; the device may still be computing)."""
+    import torch
+
+    t0 = time.perf_counter()
+    losses = [engine.forward_backward(x, y, request.accum) for _ in range(request.accum)]
+    t1 = time.perf_counter()
+    report = engine.step(lr)
+    float(torch.stack(losses).sum())  # note: sync on the losses, as the trainer does once per step
+    return {"forward_backward": t1 - t0, **report.timings}
+
+
+def _drain(engine, device: str) -> None:
+    """End the last step's update and wait for every queued kernel and copy."""
+    if hasattr(engine, "settle"):
+        engine.settle()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()  # note: a bench-only sync, at the timed span's ends
 
 
 def _settling_steps(engine) -> int:

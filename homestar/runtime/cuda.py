@@ -11,6 +11,7 @@ that calls CUDA APIs; the rest of the runtime is shared with the simulated devic
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 from typing import Any
@@ -90,6 +91,7 @@ class CudaDevice(DeviceSpace):
         self._reserved_peak = 0
         self.upload_stream = torch.cuda.Stream(device)
         self.offload_stream = torch.cuda.Stream(device)
+        self._lane: CudaLane | None = None
         self.blocking_waits = True
         """The host sleeps in `host_wait` instead of spinning, leaving the core to other work (the
         CPU's AdamW runs beside the wait for the streamed one). Throughput is the same either way
@@ -127,15 +129,19 @@ class CudaDevice(DeviceSpace):
 
     def _copies(self, stream: torch.cuda.Stream, pairs: list[tuple[torch.Tensor, torch.Tensor]], phase: str) -> Any:
         """Queue the copies on `stream` and one event after them (one event, not one per copy)."""
-        with torch.cuda.stream(stream):
-            begin = self.clock.start(stream) if self.clock else None
-            for dst, src in pairs:
-                dst.copy_(src, non_blocking=True)
-            if self.clock:
-                self.clock.stop(phase, begin, stream)
-            event = torch.cuda.Event(blocking=self.blocking_waits)
-            event.record(stream)
-        return event
+        return _copies(stream, pairs, self.clock, phase, self.blocking_waits)
+
+    def lane(self) -> "CudaLane":
+        if self._lane is None:
+            self._lane = CudaLane(self)  # made once: its streams are reused by every step
+        # stream wait, on the calling thread's compute stream: what the lane reads (grads,
+        # steps, the clip coefficient, params updated in place) is written there first
+        self._lane.compute.wait_stream(self._compute())
+        return self._lane
+
+    def join(self, lane: DeviceSpace) -> None:
+        if lane is not self:
+            self._compute().wait_stream(lane.compute)  # stream wait: the lane's kernels (and the uploads they waited for)
 
     def compute_wait(self, event: Any, tensor: torch.Tensor) -> None:
         if event is None:
@@ -189,3 +195,57 @@ class CudaDevice(DeviceSpace):
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)  # full sync: state export and close only
+
+
+def _copies(stream: torch.cuda.Stream, pairs: list[tuple[torch.Tensor, torch.Tensor]], clock, phase: str,
+            blocking: bool) -> Any:
+    with torch.cuda.stream(stream):
+        begin = clock.start(stream) if clock else None
+        for dst, src in pairs:
+            dst.copy_(src, non_blocking=True)
+        if clock:
+            clock.stop(phase, begin, stream)
+        event = torch.cuda.Event(blocking=blocking)
+        event.record(stream)
+    return event
+
+
+class CudaLane:
+    """Streams of their own (upload, compute, offload) for work that another thread queues
+    beside the device's compute: the streamed AdamW of a step, while the next forward runs on
+    the current stream. Its kernels never queue ahead of that forward's, nor its copies ahead of
+    the forward's fetches. Its copies are not timed by the phase clock (the clock is read while
+    the lane may still be queuing). The device's compute joins it with `CudaDevice.join`."""
+
+    def __init__(self, owner: CudaDevice) -> None:
+        self.device = owner.device
+        self._blocking = owner.blocking_waits
+        self.upload = torch.cuda.Stream(owner.device)
+        self.compute = torch.cuda.Stream(owner.device)
+        self.offload = torch.cuda.Stream(owner.device)
+
+    @contextlib.contextmanager
+    def running(self):
+        """Queue the calling thread's kernels on the lane's compute stream (behind the device's
+        compute as it was when `CudaDevice.lane` gave out the lane)."""
+        with torch.cuda.stream(self.compute):
+            yield
+
+    def upload_into(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], after: Any) -> Any:
+        if after is not None:
+            self.upload.wait_event(after)
+        return _copies(self.upload, pairs, None, "h2d", self._blocking)
+
+    def download_into(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], after: Any) -> Any:
+        self.offload.wait_stream(self.compute)  # stream wait: the lane's writes to the srcs land first
+        if after is not None:
+            self.offload.wait_event(after)
+        event = _copies(self.offload, pairs, None, "d2h", self._blocking)
+        for _, src in pairs:
+            src.record_stream(self.offload)
+        return event
+
+    def compute_wait(self, event: Any, tensor: torch.Tensor) -> None:
+        if event is not None:
+            self.compute.wait_event(event)
+            tensor.record_stream(self.compute)

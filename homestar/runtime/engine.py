@@ -88,6 +88,8 @@ class ChunkedEngine:
             with self.hooks.saved_tensors(), self._autocast():
                 loss = self.loss_fn(self.model, idx, targets)
             mark = clock.stop("forward", mark) if clock else None
+            # the last step's update ran beside this forward; backward writes grads again
+            self.adamw.settle()
             self.hooks.phase = Phase.BACKWARD
             # loss_div is the step's micro-batches over all ranks (the Engine protocol), so this
             # rank's last micro-batch is its loss_div / world-th
@@ -106,6 +108,11 @@ class ChunkedEngine:
         self._micro_batches = 0
         with self._work(("step",)):
             return self.adamw.step(lr, self.scaler)
+
+    def settle(self) -> None:
+        """Wait for the last step's update, which may still run beside the next forward (the
+        engine does this itself before anything reads or writes the state; for timing)."""
+        self.adamw.settle()
 
     def zero_grad(self) -> None:
         """Forget the grads accumulated since the last step (a failed step's); nothing is updated."""
@@ -147,11 +154,13 @@ class ChunkedEngine:
         return None if not comm.active else {info.name for info in self.table if comm.owns(info.group.index)}
 
     def _export(self, *, device_views: bool) -> dict:
+        self.adamw.settle()
         comm = self.adamw.collective
         keep = None if not comm.active else (lambda info: comm.owns(info.group.index))
         return export_state(self.table, self.adamw, self.placement, self.scaler, keep, device_views=device_views)
 
     def load_state_dict(self, state: dict) -> None:
+        self.adamw.settle()
         import_state(state, self.table, self.adamw, self.placement, self.scaler)
 
     def chunk_snapshot(self) -> list[dict]:
@@ -191,6 +200,7 @@ class ChunkedEngine:
                 self.adamw.collective.rank, self.adamw.collective.world):
             raise ValueError(f"this engine holds optimizer state for rank {self.adamw.collective.rank} of "
                              f"{self.adamw.collective.world}, not rank {collective.rank} of {collective.world}")
+        self.adamw.settle()
         collective.balance([g.grad.numel for g in self.groups])  # the owners attach chose, on every rank
         self.adamw.collective = collective
         self._update_resident()
@@ -215,7 +225,9 @@ class ChunkedEngine:
         peak accounted device bytes, the device budget, which groups live on the device, which
         host-homed groups' AdamW streamed through the device in the last step (and how many
         streamed param chunks were updated where they were cached, on the device), which
-        groups have optimizer state here and the bytes of that state (master when separate, moments)."""
+        groups have optimizer state here and the bytes of that state (master when separate, moments),
+        and how often a step's update running beside the next forward was ended early because
+        the device had no room left for that forward."""
         return {
             **self.placement.stats,
             "peak_device_bytes": self.placement.peak_device,
@@ -224,6 +236,7 @@ class ChunkedEngine:
             "device_groups": [g.index for g in self.groups if g.optimizer_on_device],
             "streamed_groups": self.adamw.streamed_groups(),
             "params_updated_on_device": self.adamw.params_updated_on_device,
+            "updates_ended_early": self.adamw.ended_early,
             "reduced_in_backward": self.adamw.ranks.reduced_in_backward,
             "shared_on_device": self.adamw.ranks.shared_on_device,
             "state_groups": [g.index for g in self.groups if g.has_state],
@@ -235,12 +248,15 @@ class ChunkedEngine:
     def _work(self, key: Hashable | None):
         if self._closed:
             raise RuntimeError("engine is closed")
+        if key is None or key[0] != "train":
+            self.adamw.settle()  # only a training forward runs beside the last step's update
         self.tracer.begin(key)
         self.placement.begin_work()
         try:
             yield
         except BaseException as error:
             self.hooks.phase = Phase.IDLE
+            self.adamw.abandon()  # before abort: the step in flight lets go of what it holds
             self.placement.abort()
             self.hooks.reset()
             self.tracer.abandon()

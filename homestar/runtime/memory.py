@@ -10,6 +10,8 @@ meaning, models or training.
 
 from __future__ import annotations
 
+import contextlib
+
 from collections import defaultdict
 from typing import Any
 
@@ -188,6 +190,23 @@ class DeviceSpace(MemorySpace):
 
     def synchronize(self) -> None:
         """Wait for all queued device work (used at close and for state export)."""
+
+    def lane(self) -> "DeviceSpace":
+        """Copies and kernels for work another thread queues beside this thread's compute (the
+        streamed AdamW beside the next forward): `upload_into`, `download_into`, `compute_wait`
+        and `running()` (the context its kernels run in), on streams of their own where the
+        device has streams, ordered behind the calling thread's compute so far (call it on the
+        thread whose compute the lane follows). Here, where copies are synchronous: this device
+        itself."""
+        return self
+
+    @contextlib.contextmanager
+    def running(self):
+        """The context a lane's kernels are queued in (see `lane`)."""
+        yield
+
+    def join(self, lane: "DeviceSpace") -> None:
+        """Order this device's later compute behind everything `lane` has queued (no host sync)."""
 
     def close(self) -> None:
         self.used = 0

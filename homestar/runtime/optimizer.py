@@ -10,7 +10,13 @@ Per-parameter grad norms are taken on the device as backward writes each grad ch
 step does not read host grads for the norm; bf16 grads are widened to fp32 as AdamW reads them
 (`adam_math`). The first host-homed groups' AdamW may run on the device, their state streamed
 through it slice by slice (`stream_adam`), while a worker thread updates the CPU's groups; which
-ones is `split`'s decision (`adam_split`).
+ones is `split`'s decision (`adam_split`). At world 1, once the split has settled, `step` returns
+as soon as every update is under way, and the next forward runs beside them: the CPU's groups go
+on updating on the worker, the streamed ones are queued by a streamer thread on the device's
+lane (streams of their own, so the forward's kernels and fetches never queue behind them). A
+group is let go as soon as the forward needs it and its update is written (CPU) or queued
+(streamed: later users wait for its last copy's event) (`let_go_group`, called by the
+placement); `settle` ends the step before backward or anything that reads or writes the state.
 Across ranks (a `Collective` of world > 1, group-owner ZeRO): each group's fp32 grads are summed
 onto its owner and its param chunk broadcast back after the owner's update (`rank_exchange`), the
 squared norm of the owners' grads is summed over ranks, each owner updates its groups alone. At
@@ -20,19 +26,21 @@ Knows nothing of modules, hooks or the trainer.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from concurrent.futures import ThreadPoolExecutor
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from homestar.optim import OptimConfig, StepReport
-from homestar.runtime.adam_split import AdamSplit
+from homestar.runtime.adam_split import AUTO_SHARE_STEPS, AdamSplit
 from homestar.runtime.adam_math import SLICE_ELEMS, Span, fused_adamw, param_norms, sliced_adamw
 from homestar.runtime.binding import ParamInfo, ParamTable
 from homestar.runtime.chunk import Chunk, ChunkGroup, Kind
 from homestar.runtime.collectives import Collective
+from homestar.runtime.in_flight import StepInFlight
 from homestar.runtime.placement import Placement
 from homestar.runtime.rank_exchange import RankExchange
 from homestar.runtime.scaler import LossScaler
@@ -69,16 +77,24 @@ class ChunkAdamW:
         self.split = AdamSplit()
         """How much of the host-homed groups' AdamW streams through the device (the CPU updates
         the rest at the same time)."""
-        self._worker: ThreadPoolExecutor | None = None
-        """The thread that runs the CPU's groups while the device's update (made once)."""
+        self._threads: dict[str, ThreadPoolExecutor] = {}
+        """The threads that run the CPU's groups and queue the streamed ones (`_thread`)."""
         self.params_updated_on_device = 0
         """Streamed groups' param chunks updated where they were cached, on the device (over the
         run, for tests and benchmarks)."""
         self._streamed: set[int] = set()
         """Host-homed groups whose AdamW streams through the device (this step, or the last one
         once it ended; their chunks stay on the host: `stream_adam`)."""
+        self.ended_early = 0
+        """Steps whose update a shortage of device room ended before the forward beside it was
+        done with it (over the run, for tests and benchmarks)."""
+        self._inflight: StepInFlight | None = None
+        """The last step's updates while they run beside the next forward (see the module doc)."""
+        placement.let_go_hold = self.let_go_group
+        placement.end_holds = self.end_early
 
     def step(self, lr: float, scaler: LossScaler | None) -> StepReport:
+        self.settle()
         started = time.perf_counter()
         active = [info for info in self.table if info.has_grad]
         by_group: dict[int, list[ParamInfo]] = defaultdict(list)
@@ -111,13 +127,17 @@ class ChunkAdamW:
             scaler.update(found_inf=skipped)
         if not skipped:
             coef = self._clip(grad_list, total) if self.config.grad_clip > 0 else None
-            timings.update(self._adam_all(owned, grads, lr, coef))
+            timings.update(self._adam_all(owned, grads, lr, coef, defer=self._may_defer()))
             if comm.active:
                 shared = time.perf_counter()
                 self.ranks.share_params(by_group)  # ends with a host wait for the last copy home
                 timings["opt_share_params"] = time.perf_counter() - shared
             self.step_count += bool(active)  # as torch: a step without gradients changes nothing
-        self._finish(by_group)
+        if self._inflight is not None:
+            self._inflight.by_group = by_group  # finished when the update is (`settle`)
+            self._inflight.returned = True
+        else:
+            self._finish(by_group)
         timings.update(optimizer=time.perf_counter() - started, opt_grads_and_norm=normed - started)
         return StepReport(grad_norm=grad_norm, skipped=skipped, timings=timings)
 
@@ -172,32 +192,44 @@ class ChunkAdamW:
         """Host-homed groups whose AdamW ran on the device in the last step."""
         return sorted(self._streamed)
 
+    def _may_defer(self) -> bool:
+        """Whether this step may return before the CPU's AdamW ends: on one process (ranks
+        share the params after the update), once an automatic split stopped measuring both
+        engines' times (it needs them whole)."""
+        return not self.collective.active and not (self.split.auto and self.split.steps < AUTO_SHARE_STEPS)
+
     def _adam_all(self, owned: dict[int, list[ParamInfo]], grads: dict[int, torch.Tensor], lr: float,
-                  coef: torch.Tensor | None) -> dict[str, float]:
+                  coef: torch.Tensor | None, *, defer: bool) -> dict[str, float]:
         """AdamW for every owned group: the CPU's groups on a worker thread (torch's kernels
         release the GIL) while this thread drives the device's (homed there, or streamed), so
-        both engines run at once. Every placement call stays on this thread: the CPU groups'
-        chunks are held before the worker starts and let go after it ends."""
+        both engines run at once. Every placement call stays on this thread: the groups' chunks
+        are held before the threads start and let go after they are past them. `defer`: return
+        once everything is under way (the module doc); else when everything is done."""
         dev = [(self.groups[i], infos) for i, infos in owned.items() if self.groups[i].optimizer_on_device]
         streamed = [(self.groups[i], infos) for i, infos in owned.items() if i in self._streamed]
         cpu = [(self.groups[i], infos) for i, infos in owned.items()
                if not self.groups[i].optimizer_on_device and i not in self._streamed]
         held = [(group, infos, self._hold_state(group, infos)) for group, infos in cpu]
         host_coef = None if coef is None or not held else coef.cpu()  # one small copy, not one per group
-        times = {"opt_cpu_adam": 0.0}
+        times: dict[str, float] = {}
+        cpu_seconds = [0.0]  # the worker's; reported when the step waits for it
+        flight = StepInFlight()
+        for group, infos, _ in held:
+            flight.hold(group, infos)
 
         def cpu_work() -> None:
             begin = time.perf_counter()
-            for group, infos, state in held:
-                self._update(group, infos, grads, lr, host_coef, state)
-            times["opt_cpu_adam"] = time.perf_counter() - begin
+            try:
+                for group, infos, state in held:
+                    self._update(group, infos, grads, lr, host_coef, state)
+                    flight.mark(group.index)
+            finally:
+                flight.release_waiters([group.index for group, _, _ in held])
+            cpu_seconds[0] = time.perf_counter() - begin
 
-        pending = None
-        if held and (dev or streamed):
-            if self._worker is None:  # made once, reused
-                self._worker = ThreadPoolExecutor(1, thread_name_prefix="homestar-cpu-adam", initializer=torch.set_num_threads,
-                                                  initargs=(worker_threads(torch.get_num_threads()),))
-            pending = self._worker.submit(cpu_work)
+        if held and (dev or streamed or defer):
+            flight.futures.append(self._thread("cpu").submit(cpu_work))
+            self._inflight = flight  # from here a failure settles the worker before anything is let go
         else:
             cpu_work()
         begin = time.perf_counter()
@@ -205,32 +237,117 @@ class ChunkAdamW:
         # the device-homed groups first: their scratch may need room that the streamed groups'
         # cached param chunks, held for their update below, would no longer give up
         self._update_on_device(dev, grads, lr, coef)
-        last, jobs = None, []
         if streamed:
             first = streamed[0][0]  # the ring before the jobs hold cached param chunks, for the same reason
             ring = StagingRing(self.placement.scratch, self.placement.free_scratch,
                                max(group.master.numel for group, _ in streamed), first.grad.dtype,
                                None if first.param is first.master else first.param.dtype)
+            wide_coef = None if coef is None or first.grad.dtype == torch.float32 else coef  # fp32: clipped
+            if defer:
+                self._stream_beside(flight, streamed, ring, wide_coef, lr)
+                return times
             try:
                 jobs = [self._stream_job(group, infos) for group, infos in streamed]
-                wide_coef = None if coef is None or first.grad.dtype == torch.float32 else coef  # fp32: clipped
-                last = stream_adamw(jobs, ring, device, coef=wide_coef, lr=lr, config=self.config)
+                done = stream_adamw(jobs, ring, device, coef=wide_coef, lr=lr, config=self.config)
             finally:
                 ring.close()
-        cpu_elems, streamed_elems = (sum(g.grad.numel for g, _ in part) for part in (cpu, streamed))
-        if jobs:
-            device.host_wait(last)  # sync: the streamed groups' host buffers hold their update
+            device.host_wait(done[-1])  # sync: the streamed groups' host buffers hold their update
             times["opt_streamed_adam"] = time.perf_counter() - begin
-            times["stream_share"] = streamed_elems / (streamed_elems + cpu_elems)
-        if pending is not None:
-            pending.result()  # waits; re-raises what the worker raised
+            for group, infos in streamed:
+                self._let_go_state(group, infos)
+        if defer and flight.futures:
+            return times
+        self._inflight = None
+        for future in flight.futures:
+            future.result()  # waits; re-raises what the worker raised
+        if held:
+            times["opt_cpu_adam"] = cpu_seconds[0]
         for group, infos, _ in held:
             self._let_go_state(group, infos)
-        for group, infos in streamed:
-            self._let_go_state(group, infos)
-        if held and jobs:
+        if held and streamed:
+            cpu_elems, streamed_elems = (sum(g.grad.numel for g, _ in part) for part in (cpu, streamed))
+            times["stream_share"] = streamed_elems / (streamed_elems + cpu_elems)
             self.split.follow(cpu_elems, times["opt_cpu_adam"], streamed_elems, times["opt_streamed_adam"])
         return times
+
+    def _stream_beside(self, flight: StepInFlight, streamed: list[tuple[ChunkGroup, list[ParamInfo]]],
+                       ring: StagingRing, coef: torch.Tensor | None, lr: float) -> None:
+        """The streamed groups' AdamW queued by the streamer thread on the device's lane, so
+        that neither this thread nor the next forward's kernels and fetches queue behind it
+        (queuing a large model's slices fills the driver's queue: the queuing thread blocks).
+        Their chunks are held here first; each group is let go with the event of its last copy."""
+        flight.ring, flight.coef, flight.lane = ring, coef, self.placement.device.lane()
+        self._inflight = flight  # a failure below settles: what is held by then is let go
+        jobs = []
+        for group, infos in streamed:
+            jobs.append(self._stream_job(group, infos))
+            flight.hold(group, infos)
+        indices = [group.index for group, _ in streamed]
+
+        def stream_work() -> None:
+            try:
+                with flight.lane.running():
+                    stream_adamw(jobs, ring, flight.lane, coef=coef, lr=lr, config=self.config,
+                                 queued=lambda i, event: flight.mark(indices[i], event))
+            finally:
+                flight.release_waiters(indices)
+
+        flight.futures.append(self._thread("stream").submit(stream_work))
+
+    def _thread(self, name: str) -> ThreadPoolExecutor:
+        """The worker thread for the CPU's AdamW ("cpu") or the streamer ("stream"); made once."""
+        pool = self._threads.get(name)
+        if pool is None:
+            if name == "cpu":
+                pool = ThreadPoolExecutor(1, thread_name_prefix="homestar-cpu-adam", initializer=torch.set_num_threads,
+                                          initargs=(worker_threads(torch.get_num_threads()),))
+            else:
+                pool = ThreadPoolExecutor(1, thread_name_prefix="homestar-stream-adam")
+            self._threads[name] = pool
+        return pool
+
+    def let_go_group(self, chunk: Chunk, wait: bool = True) -> bool:
+        """Compute is about to use `chunk`, which the last step's update may still hold: once
+        that update is past the chunk's group (waited for, unless `wait` is False), let go of
+        the group's state. True when the step no longer holds the chunk (the placement calls
+        this before acquiring or prefetching a chunk in use)."""
+        flight = self._inflight
+        if flight is None or chunk.group not in flight.holding:
+            return True
+        if not flight.wait_for(chunk.group, block=wait):
+            return False
+        if chunk.group not in flight.updated:
+            self.settle()  # the update failed: re-raises its error
+        group, infos = flight.holding.pop(chunk.group)
+        self._let_go_state(group, infos, after=flight.updated[chunk.group])
+        return True
+
+    def end_early(self) -> bool:
+        """The device has no room left while the last step's update still holds chunks there
+        (cached params updated in place, the staging ring): end it now. True when it did."""
+        if self._inflight is None or not self._inflight.returned:
+            return False  # inside the step: its holds end with it
+        self.ended_early += 1
+        self.settle()
+        return True
+
+    def settle(self) -> None:
+        """End the last step if its update still runs: wait for both threads, let go of
+        everything the step held, order the device's compute behind the lane, forget the step's
+        grads; re-raises what a thread raised. Nothing to do when no step is in flight."""
+        flight, self._inflight = self._inflight, None
+        if flight is None:
+            return
+        try:
+            flight.wait_threads()
+        finally:
+            for index, (group, infos) in flight.holding.items():
+                self._let_go_state(group, infos, after=flight.updated.get(index))
+            if flight.lane is not None:
+                self.placement.device.join(flight.lane)
+            if flight.ring is not None:
+                flight.ring.close()  # on the compute stream, now behind the lane
+            self._finish(flight.by_group)
 
     def _stream_job(self, group: ChunkGroup, infos: list[ParamInfo]) -> StreamJob:
         """A streamed group's host buffers (its grads were staged there), held (a device copy is
@@ -279,9 +396,14 @@ class ChunkAdamW:
             self._step_tensor(info, state[0].device)
         return state
 
-    def _let_go_state(self, group: ChunkGroup, infos: list[ParamInfo]) -> None:
+    def _let_go_state(self, group: ChunkGroup, infos: list[ParamInfo], after=None) -> None:
+        """Let go of the group's state chunks; `after`: the event of queued copies that still
+        read or write their host buffers (later users wait for it)."""
         for chunk in {id(c): c for c in (group.param, group.master, group.exp_avg, group.exp_avg_sq)}.values():
-            self._let_go(chunk, infos)
+            if after is not None:
+                self.placement.release_after(chunk, [info.index for info in infos], after)
+            else:
+                self._let_go(chunk, infos)
 
     def _update(self, group: ChunkGroup, infos: list[ParamInfo], grads: dict[int, torch.Tensor], lr: float,
                 coef: torch.Tensor | None, state: tuple[torch.Tensor, ...], wide: torch.Tensor | None = None) -> None:
@@ -334,14 +456,24 @@ class ChunkAdamW:
         self.ranks.collective = collective
 
     def close(self) -> None:
-        """Stop the worker thread, if one was started."""
-        if self._worker is not None:
-            self._worker.shutdown()
-            self._worker = None
+        """End a step still in flight (its errors are dropped: the engine is going away) and
+        stop the threads that were started."""
+        with contextlib.suppress(Exception):
+            self.settle()
+        for pool in self._threads.values():
+            pool.shutdown()
+        self._threads.clear()
 
     def discard_grads(self) -> None:
         """Forget every accumulated gradient (a failed step's) without updating anything."""
+        self.settle()
         self._finish({})
+
+    def abandon(self) -> None:
+        """After a failure mid-work: end a step still in flight, dropping its errors (the
+        failure that got here is the one to report)."""
+        with contextlib.suppress(Exception):
+            self.settle()
 
     def _finish(self, by_group: dict[int, list[ParamInfo]]) -> None:
         """Release the staged grads, discard every gradient, forget who had one."""

@@ -51,10 +51,19 @@ class Placement:
         self.on_write_back: Callable[[Chunk, torch.Tensor], None] | None = None
         """Called with a chunk and its device copy right before that copy is written back (the
         optimizer takes grad norms there, on the device, as backward drains grads)."""
+        self.end_holds: Callable[[], bool] | None = None
+        """Called when room is short and nothing can be evicted: an optimizer step still holding
+        chunks beside the next forward ends and lets them go. True when it did."""
+        self.let_go_hold: Callable[[Chunk, bool], bool] | None = None
+        """Called with a chunk in use before compute acquires it (wait True) or a prefetch
+        fetches it (wait False): an optimizer step still updating it beside the next forward
+        lets it go, once done with it (waited for when asked). True when it is not held there."""
 
     # -- compute access -------------------------------------------------------------------
     def acquire(self, chunk: Chunk, indices: Iterable[int]) -> torch.Tensor:
         """Bring `chunk` to the device, mark the given slots COMPUTE, prefetch; device tensor."""
+        if chunk.computing and self.let_go_hold is not None:
+            self.let_go_hold(chunk, True)  # a step's update still holding it lets go first (may wait)
         sampling = self.tracer.sampling
         # the peak since the previous moment (CUDA: one allocator query); replays past the
         # sampled ones take the trace's figure instead of paying for the query
@@ -99,6 +108,18 @@ class Placement:
         chunk.move_many(indices, move)
         if wrote and chunk.home == "host" and chunk.resident:
             chunk.device_dirty = True
+
+    def release_after(self, chunk: Chunk, indices: Iterable[int], event) -> None:
+        """End a hold whose memory queued work still reads or writes until `event`. A host
+        buffer's next user waits for it (a fetch's stream wait, the host's wait in
+        `host_tensor`); a device copy (rewritten in place, so newer than the host's) is used by
+        compute, written back or freed only after it (`_await_ready`)."""
+        if chunk.resident:
+            chunk.ready = event
+            self.release(chunk, indices, Move.RELEASE, wrote=True)
+        else:
+            chunk.event = event
+            self.release(chunk, indices, Move.RELEASE)
 
     def begin_work(self) -> None:
         """A run of work starts: its first moment measures from here."""
@@ -231,6 +252,8 @@ class Placement:
             chunk = self.chunks[chunk_id]
             if chunk.resident or chunk.is_empty():
                 continue
+            if chunk.computing and not (self.let_go_hold and self.let_go_hold(chunk, False)):
+                continue  # held on the host by an update not yet done with it
             wanted = self.tracer.distance(chunk_id)
             room = self._room(nonmodel)
             victims = choose_victims(self._candidates(), chunk.nbytes, room, self._distance, farther_than=wanted)
@@ -261,6 +284,11 @@ class Placement:
         if room >= need:
             return
         victims = choose_victims(self._candidates(), need, room, self._distance)
+        if victims is None and self.end_holds is not None and self.end_holds():
+            room = self._room(nonmodel)  # the step let go of its holds (and its staging ring)
+            if room >= need:
+                return
+            victims = choose_victims(self._candidates(), need, room, self._distance)
         if victims is None:
             in_use = sum(c.nbytes for c in self.chunks if c.resident and (c.in_use() or c.home == "device"))
             raise BudgetError(
@@ -279,6 +307,7 @@ class Placement:
                 self._evict(chunk)
 
     def _evict(self, chunk: Chunk) -> None:
+        self._await_ready(chunk)  # work still writing the device copy (an update in place) ends first
         if chunk.device_dirty and not chunk.is_empty():
             self._before_write_back(chunk)
             chunk.event = self.device.write_back(chunk.device, chunk.host, chunk.event)  # async D2H

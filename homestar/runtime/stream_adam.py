@@ -105,21 +105,27 @@ class StagingRing:
 
 
 def stream_adamw(jobs: list[StreamJob], ring: StagingRing, device: DeviceSpace, *,
-                 coef: torch.Tensor | None, lr: float, config: OptimConfig):
-    """Update every job's group on the device through `ring`; returns the event of the last
-    write-back (the host buffers hold the results once it completes) or None when there was
-    nothing to write back. The steps in the spans live on the device and were already advanced
+                 coef: torch.Tensor | None, lr: float, config: OptimConfig, queued=None) -> list:
+    """Update every job's group on the device through `ring`; returns, for each job, the event of
+    its last write-back (its host buffers, and a device copy updated in place, hold the results
+    once it completes; None where nothing was written back). `device`: a device space or one of
+    its lanes (`DeviceSpace.lane`), whose context the caller entered. `queued(i, event)`: told as
+    soon as job i is queued. The steps in the spans live on the device and were already advanced
     for this step."""
     if coef is not None and jobs:
         coef = coef.to(device.device)  # once; a device scalar when the norm was taken there
-    last = None
+    done = []
     turn = 0
-    for job in jobs:
+    for i, job in enumerate(jobs):
+        last = None
         for start, stop, spans in _slices(job.spans, ring.elems):
             staging = ring.sets[turn % STAGING_SETS]
             turn += 1
             last = _one_slice(job, start, stop, spans, staging, device, coef, lr, config)
-    return last
+        done.append(last)
+        if queued is not None:
+            queued(i, last)
+    return done
 
 
 def _one_slice(job: StreamJob, start: int, stop: int, spans: list[Span], staging: _Set, device: DeviceSpace,
