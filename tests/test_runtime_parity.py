@@ -7,19 +7,16 @@ forces evictions every step. Per-step losses, grad norms and final weights must 
 from __future__ import annotations
 
 import functools
-import threading
-import time
 
 import pytest
 import torch
 
-from homestar.runtime.optimizer import ChunkAdamW, worker_threads
+from homestar.runtime.optimizer import worker_threads
 from runtime_helpers import (
     Setup,
     assert_weights_close,
     attach_copy,
     batches,
-    lr_at,
     make_model,
     one_thread,  # noqa: F401  (autouse fixture)
     optim_config,
@@ -99,49 +96,3 @@ def test_cpu_adamw_leaves_cores_to_the_thread_driving_the_device():
         torch.set_num_threads(previous)
         engine.close()
 
-
-@pytest.mark.parametrize("overrides", [{}, {"budget_chunks": 6, "optimizer_stream_share": 0.5}],
-                         ids=["cpu", "cpu-and-streamed"])
-def test_adamw_runs_beside_the_next_forward(monkeypatch, overrides):
-    """On one process the step returns once every update is under way: the CPU's AdamW goes on
-    on the worker (and the streamed one on the streamer) while the next forward runs, which
-    waits for a group only when it needs that group's params (and fetches nothing an update
-    still writes). Training stays plain PyTorch's, step for step."""
-    setup = Setup()
-    steps = 6
-    ref_losses, ref_norms, ref_model = reference(setup, steps)
-    engine = attach_copy(make_model(setup), setup, **overrides)
-    update = ChunkAdamW._update
-
-    def slow_update(self, *args, **kwargs):  # the worker lags, so the forward catches up with it
-        if threading.current_thread() is not threading.main_thread():
-            time.sleep(0.02)
-        return update(self, *args, **kwargs)
-
-    monkeypatch.setattr(ChunkAdamW, "_update", slow_update)
-    let_go = engine.adamw.let_go_group
-    waits = {"in_flight_after_step": 0, "forward_found_group_held": 0}
-
-    def counting_let_go(chunk, wait):
-        waits["forward_found_group_held"] += engine.adamw._inflight is not None and \
-            chunk.group in engine.adamw._inflight.holding
-        return let_go(chunk, wait)
-
-    engine.placement.let_go_hold = counting_let_go
-    losses, norms = [], []
-    for step, micro in enumerate(batches(steps, setup.accum)):
-        for idx, targets in micro:
-            losses.append(engine.forward_backward(idx, targets, len(micro)).item())
-            assert engine.adamw._inflight is None  # backward starts with the update ended
-        norms.append(engine.step(lr_at(step)).grad_norm)
-        waits["in_flight_after_step"] += engine.adamw._inflight is not None
-
-    assert waits["in_flight_after_step"] == steps
-    assert waits["forward_found_group_held"] >= steps - 1  # every later forward met the update
-    assert losses == pytest.approx(ref_losses, rel=1e-5)
-    assert norms == pytest.approx(ref_norms, rel=1e-5)
-    assert_weights_close(engine.state_dict()["weights"], ref_model)  # the export ends the last step
-    assert engine.adamw._inflight is None
-    if overrides:
-        assert engine.stats()["streamed_groups"]
-    engine.close()
