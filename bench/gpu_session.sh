@@ -13,6 +13,8 @@
 #   bash bench/gpu_session.sh table8   # every preset at the plan's settings, 8 GiB, against the floors (~6 min); table24 likewise
 #   bash bench/gpu_session.sh speed    # both AdamW engines sharing the host; 1.3b, 2.7b, 4b at 2048 tokens, 8 GiB (~9 min)
 #   bash bench/gpu_session.sh profile  # 1.3b's step taken apart (bench/profile_step.py); 1.3b, 2.7b, 4b at 2048 tokens (~9 min)
+#   bash bench/gpu_session.sh overlap  # CUDA and overlap tests; 1.3b, 2.7b with the update beside the forward vs waited for (~6 min)
+#   bash bench/gpu_session.sh slices   # 1.3b with CPU AdamW slices of 1 M vs 4 M elements, alternating (~4 min)
 # Timings are estimates from one day's runs; every command has its own timeout so one slow item
 # cannot take the rest of the call with it.
 set -u
@@ -82,6 +84,27 @@ PY
     for i in 1 2; do
       PYTHONPATH="$OUT/spin:$PWD" bench "1.3b_spin$i" 120 --preset 1.3b "${B8[@]}" --steps 4
       bench "1.3b_sleep$i" 120 --preset 1.3b "${B8[@]}" --steps 4
+    done ;;
+  overlap)  # the step's AdamW beside the next forward (now) against waited for in the step, alternating
+    say "CUDA tests"; timeout 150 python -m pytest -q -p no:cacheprovider tests/test_runtime_cuda.py tests/test_runtime_overlap.py 2>&1 | tail -2
+    mkdir -p "$OUT/waited"
+    cat > "$OUT/waited/sitecustomize.py" <<'PY'
+from homestar.runtime import optimizer
+optimizer.ChunkAdamW._may_defer = lambda self: False
+PY
+    for p in 1.3b 2.7b; do
+      bench "${p}_beside" 150 --preset $p "${B8[@]}" --steps 6
+      PYTHONPATH="$OUT/waited:$PWD" bench "${p}_waited" 150 --preset $p "${B8[@]}" --steps 6
+    done ;;
+  slices)  # the CPU AdamW's slice size: 1 M elements (now) against 4 M, alternating, 1.3b
+    mkdir -p "$OUT/slice4m"
+    cat > "$OUT/slice4m/sitecustomize.py" <<'PY'
+from homestar.runtime import adam_math, optimizer
+adam_math.SLICE_ELEMS = optimizer.SLICE_ELEMS = 1 << 22
+PY
+    for i in 1 2 3; do
+      bench "1.3b_slice1m_$i" 100 --preset 1.3b "${B8[@]}" --steps 6
+      PYTHONPATH="$OUT/slice4m:$PWD" bench "1.3b_slice4m_$i" 100 --preset 1.3b "${B8[@]}" --steps 6
     done ;;
   table8|table24)  # what --preset P trains at: the plan's micro-batch, accumulation and chunk size
     budget=${1#table}; say "speed table at $budget GiB"

@@ -69,6 +69,9 @@ def main() -> None:
     for _ in range(args.warmup):
         step(engine, x, y, lr)
     timed = [step(engine, x, y, lr) for _ in range(args.steps)]
+    # on one process the step's AdamW runs beside the next forward: "forward+backward" holds the
+    # part of the last update the forward waited for, "optimizer" the step's host time and its
+    # device work queued by the time the sync after it was called
     for name, pos in (("forward+backward", 0), ("optimizer", 1), ("host returns from forward+backward", 2)):
         values = [t[pos] for t in timed]
         print(f"{name:36} median {statistics.median(values):.4f} s  ({' '.join(f'{v:.4f}' for v in values)})")
