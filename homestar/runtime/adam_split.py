@@ -39,6 +39,11 @@ class AdamSplit:
     def active(self) -> bool:
         return self.share > 0 or self.auto
 
+    @property
+    def measuring(self) -> bool:
+        """Still following the measured rates: each step must time both engines whole."""
+        return self.auto and self.steps < AUTO_SHARE_STEPS
+
     def streamed(self, sizes: list[int]) -> int:
         """How many of the host-homed groups (elements each, in the order they stream) stream:
         the first ones, up to the share (a group counts when at least half of it fits)."""
@@ -51,7 +56,7 @@ class AdamSplit:
 
     def follow(self, cpu_elems: int, cpu_s: float, dev_elems: int, dev_s: float) -> None:
         """One step's measurement: each engine's elements and seconds."""
-        if not self.auto or cpu_s <= 0 or dev_s <= 0 or self.steps >= AUTO_SHARE_STEPS:
+        if not self.measuring or cpu_s <= 0 or dev_s <= 0:
             return
         cpu_rate, dev_rate = cpu_elems / cpu_s, dev_elems / dev_s
         target = dev_rate / (cpu_rate + dev_rate)

@@ -105,31 +105,16 @@ class CudaDevice(DeviceSpace):
             # zeros allocated and filled on the compute stream: ordered before their use
             return self.alloc(numel, dtype, zero=True), None
         stream = self.upload_stream
-        if after is not None:
-            stream.wait_event(after)  # stream wait: a pending write-back into src lands first
         with torch.cuda.stream(stream):
             dev = self.alloc(numel, dtype)  # allocated on the upload stream
-        return dev, self._copies(stream, [(dev, src)], "h2d")  # async H2D from pinned memory
+        # `after`: a pending write-back into src lands first
+        return dev, _upload(stream, [(dev, src)], after, self.clock, self.blocking_waits)
 
     def upload_into(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], after: Any) -> Any:
-        stream = self.upload_stream
-        if after is not None:
-            stream.wait_event(after)  # stream wait: whatever still reads or writes the dsts finishes first
-        return self._copies(stream, pairs, "h2d")  # async H2D from pinned memory
+        return _upload(self.upload_stream, pairs, after, self.clock, self.blocking_waits)
 
     def download_into(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], after: Any) -> Any:
-        stream = self.offload_stream
-        stream.wait_stream(self._compute())  # stream wait: compute's writes to the srcs land first
-        if after is not None:
-            stream.wait_event(after)  # stream wait: e.g. an upload still reading a dst finishes first
-        event = self._copies(stream, pairs, "d2h")  # async D2H into pinned memory
-        for _, src in pairs:
-            src.record_stream(stream)  # src's memory is not reused before the copy has read it
-        return event
-
-    def _copies(self, stream: torch.cuda.Stream, pairs: list[tuple[torch.Tensor, torch.Tensor]], phase: str) -> Any:
-        """Queue the copies on `stream` and one event after them (one event, not one per copy)."""
-        return _copies(stream, pairs, self.clock, phase, self.blocking_waits)
+        return _download(self.offload_stream, self._compute(), pairs, after, self.clock, self.blocking_waits)
 
     def lane(self) -> "CudaLane":
         if self._lane is None:
@@ -144,11 +129,7 @@ class CudaDevice(DeviceSpace):
             self._compute().wait_stream(lane.compute)  # stream wait: the lane's kernels (and the uploads they waited for)
 
     def compute_wait(self, event: Any, tensor: torch.Tensor) -> None:
-        if event is None:
-            return
-        compute = self._compute()
-        compute.wait_event(event)  # stream wait, no host sync
-        tensor.record_stream(compute)  # compute uses memory the upload stream allocated
+        _compute_wait(self._compute(), event, tensor)
 
     def host_wait(self, event: Any) -> None:
         if event is not None:
@@ -197,8 +178,35 @@ class CudaDevice(DeviceSpace):
         torch.cuda.synchronize(self.device)  # full sync: state export and close only
 
 
+def _upload(stream: torch.cuda.Stream, pairs: list[tuple[torch.Tensor, torch.Tensor]], after: Any, clock,
+            blocking: bool) -> Any:
+    """Host -> device copies on `stream` once `after` completed; the event after them."""
+    if after is not None:
+        stream.wait_event(after)  # stream wait: whatever still reads or writes the dsts finishes first
+    return _copies(stream, pairs, clock, "h2d", blocking)  # async H2D from pinned memory
+
+
+def _download(stream: torch.cuda.Stream, compute: torch.cuda.Stream, pairs: list[tuple[torch.Tensor, torch.Tensor]],
+              after: Any, clock, blocking: bool) -> Any:
+    """Device -> host copies on `stream` once `compute`'s work so far and `after` completed."""
+    stream.wait_stream(compute)  # stream wait: compute's writes to the srcs land first
+    if after is not None:
+        stream.wait_event(after)  # stream wait: e.g. an upload still reading a dst finishes first
+    event = _copies(stream, pairs, clock, "d2h", blocking)  # async D2H into pinned memory
+    for _, src in pairs:
+        src.record_stream(stream)  # src's memory is not reused before the copy has read it
+    return event
+
+
+def _compute_wait(compute: torch.cuda.Stream, event: Any, tensor: torch.Tensor) -> None:
+    if event is not None:
+        compute.wait_event(event)  # stream wait, no host sync
+        tensor.record_stream(compute)  # compute uses memory another stream allocated or wrote
+
+
 def _copies(stream: torch.cuda.Stream, pairs: list[tuple[torch.Tensor, torch.Tensor]], clock, phase: str,
             blocking: bool) -> Any:
+    """Queue the copies on `stream` and one event after them (one event, not one per copy)."""
     with torch.cuda.stream(stream):
         begin = clock.start(stream) if clock else None
         for dst, src in pairs:
@@ -232,20 +240,10 @@ class CudaLane:
             yield
 
     def upload_into(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], after: Any) -> Any:
-        if after is not None:
-            self.upload.wait_event(after)
-        return _copies(self.upload, pairs, None, "h2d", self._blocking)
+        return _upload(self.upload, pairs, after, None, self._blocking)
 
     def download_into(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], after: Any) -> Any:
-        self.offload.wait_stream(self.compute)  # stream wait: the lane's writes to the srcs land first
-        if after is not None:
-            self.offload.wait_event(after)
-        event = _copies(self.offload, pairs, None, "d2h", self._blocking)
-        for _, src in pairs:
-            src.record_stream(self.offload)
-        return event
+        return _download(self.offload, self.compute, pairs, after, None, self._blocking)
 
     def compute_wait(self, event: Any, tensor: torch.Tensor) -> None:
-        if event is not None:
-            self.compute.wait_event(event)
-            tensor.record_stream(self.compute)
+        _compute_wait(self.compute, event, tensor)

@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from homestar.optim import OptimConfig, StepReport
-from homestar.runtime.adam_split import AUTO_SHARE_STEPS, AdamSplit
+from homestar.runtime.adam_split import AdamSplit
 from homestar.runtime.adam_math import SLICE_ELEMS, Span, fused_adamw, param_norms, sliced_adamw
 from homestar.runtime.binding import ParamInfo, ParamTable
 from homestar.runtime.chunk import Chunk, ChunkGroup, Kind
@@ -196,7 +196,7 @@ class ChunkAdamW:
         """Whether this step may return before the CPU's AdamW ends: on one process (ranks
         share the params after the update), once an automatic split stopped measuring both
         engines' times (it needs them whole)."""
-        return not self.collective.active and not (self.split.auto and self.split.steps < AUTO_SHARE_STEPS)
+        return not self.collective.active and not self.split.measuring
 
     def _adam_all(self, owned: dict[int, list[ParamInfo]], grads: dict[int, torch.Tensor], lr: float,
                   coef: torch.Tensor | None, *, defer: bool) -> dict[str, float]:
@@ -258,8 +258,7 @@ class ChunkAdamW:
         if defer and flight.futures:
             return times
         self._inflight = None
-        for future in flight.futures:
-            future.result()  # waits; re-raises what the worker raised
+        flight.wait_threads()  # re-raises what the worker raised
         if held:
             times["opt_cpu_adam"] = cpu_seconds[0]
         for group, infos, _ in held:
@@ -458,8 +457,7 @@ class ChunkAdamW:
     def close(self) -> None:
         """End a step still in flight (its errors are dropped: the engine is going away) and
         stop the threads that were started."""
-        with contextlib.suppress(Exception):
-            self.settle()
+        self.abandon()
         for pool in self._threads.values():
             pool.shutdown()
         self._threads.clear()
