@@ -139,3 +139,38 @@ def test_a_forward_failing_beside_the_update_loses_nothing(monkeypatch):
     assert norms == pytest.approx(ref_norms, rel=1e-5)
     assert_weights_close(engine.state_dict()["weights"], ref_model)
     engine.close()
+
+
+def test_the_automatic_split_follows_the_update_timed_beside_the_forward(monkeypatch):
+    """The split between the CPU's AdamW and the streamed one moves by each engine's time over
+    its own work while the update runs beside the next forward, as training runs it: with the
+    CPU's worker made slow, more of the update goes through the device; each step reports the
+    last one's engine times; after `AUTO_SHARE_STEPS` moves the split stays where it got."""
+    from homestar.runtime.adam_split import AUTO_SHARE_STEPS, AdamSplit
+
+    setup = Setup()
+    engine = attach_copy(make_model(setup), setup, budget_chunks=6)
+    engine.adamw.split = AdamSplit.configured(None, on_gpu=True)  # automatic, from half
+    update = ChunkAdamW._update
+
+    def slow_update(self, *args, **kwargs):  # 10 ms a group on the worker: the CPU is the slow engine
+        time.sleep(0.01)
+        return update(self, *args, **kwargs)
+
+    monkeypatch.setattr(ChunkAdamW, "_update", slow_update)
+    shares, reports = [], []
+    for step, micro in enumerate(batches(AUTO_SHARE_STEPS + 3, setup.accum)):
+        for idx, targets in micro:
+            engine.forward_backward(idx, targets, len(micro))
+        reports.append(engine.step(lr_at(step)))
+        assert engine.adamw._inflight is not None  # the update runs beside the next forward
+        shares.append(engine.adamw.split.share)
+
+    assert "opt_cpu_adam" not in reports[0].timings  # no update ran before the first step
+    for report in reports[1:]:
+        assert report.timings["opt_cpu_adam"] > 0 and report.timings["opt_streamed_adam"] > 0
+        assert 0 < report.timings["stream_share"] < 1
+    assert shares[0] == 0.5 and shares[AUTO_SHARE_STEPS] > 0.7  # moved toward the device
+    assert engine.adamw.split.steps == AUTO_SHARE_STEPS
+    assert shares[AUTO_SHARE_STEPS:] == [shares[AUTO_SHARE_STEPS]] * 3  # then it stays
+    engine.close()

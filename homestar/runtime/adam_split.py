@@ -2,10 +2,12 @@
 
 A fixed split takes the configured share of the host-homed elements. An automatic one starts at
 half and, after each of the first `AUTO_SHARE_STEPS` steps, moves half way toward the share that
-makes both engines finish together (their measured elements per second); then it stays, so a
-run's later steps split alike, and its state travels in checkpoints so a resumed run splits as
-the uninterrupted one would have (the CPU's and the GPU's AdamW kernels may round differently in
-the last bit). Knows nothing of chunks' contents, placement or the trainer.
+makes both engines finish together (their measured elements per second, each engine timed over
+its own work while the update runs as training runs it: beside the next forward on one process,
+in the step across ranks); then it stays, so a run's later steps split alike, and its state
+travels in checkpoints so a resumed run splits as the uninterrupted one would have (the CPU's and
+the GPU's AdamW kernels may round differently in the last bit). Knows nothing of chunks'
+contents, placement or the trainer.
 """
 
 from __future__ import annotations
@@ -39,11 +41,6 @@ class AdamSplit:
     def active(self) -> bool:
         return self.share > 0 or self.auto
 
-    @property
-    def measuring(self) -> bool:
-        """Still following the measured rates: each step must time both engines whole."""
-        return self.auto and self.steps < AUTO_SHARE_STEPS
-
     def streamed(self, sizes: list[int]) -> int:
         """How many of the host-homed groups (elements each, in the order they stream) stream:
         the first ones, up to the share (a group counts when at least half of it fits)."""
@@ -56,7 +53,7 @@ class AdamSplit:
 
     def follow(self, cpu_elems: int, cpu_s: float, dev_elems: int, dev_s: float) -> None:
         """One step's measurement: each engine's elements and seconds."""
-        if not self.measuring or cpu_s <= 0 or dev_s <= 0:
+        if not self.auto or self.steps >= AUTO_SHARE_STEPS or cpu_s <= 0 or dev_s <= 0:
             return
         cpu_rate, dev_rate = cpu_elems / cpu_s, dev_elems / dev_s
         target = dev_rate / (cpu_rate + dev_rate)

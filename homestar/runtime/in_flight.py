@@ -39,6 +39,13 @@ class StepInFlight:
     """The step's active parameters by group: their grads are let go when the update ends."""
     returned: bool = False
     """The step has returned (from then on a shortage of device room may end the update early)."""
+    cpu_elems: int = 0
+    streamed_elems: int = 0
+    """Elements of the groups the CPU updates and of those streamed through the device."""
+    cpu_seconds: float = 0.0
+    """The CPU worker's time over its groups (set when it ends)."""
+    stopwatch: Any = None
+    """The streamed update's time on the device (`DeviceSpace.stopwatch`; set once queued)."""
 
     def hold(self, group, infos: list) -> None:
         """`group`'s state chunks are held for an update that a thread will mark."""

@@ -11,6 +11,7 @@ meaning, models or training.
 from __future__ import annotations
 
 import contextlib
+import time
 
 from collections import defaultdict
 from typing import Any
@@ -205,11 +206,31 @@ class DeviceSpace(MemorySpace):
         """The context a lane's kernels are queued in (see `lane`)."""
         yield
 
+    def stopwatch(self) -> "Stopwatch":
+        """Started now: times the work queued from here on until its `stop` (see `Stopwatch`).
+        Here, where copies and kernels run as they are queued: the host clock."""
+        return Stopwatch()
+
     def join(self, lane: "DeviceSpace") -> None:
         """Order this device's later compute behind everything `lane` has queued (no host sync)."""
 
     def close(self) -> None:
         self.used = 0
+
+
+class Stopwatch:
+    """How long a device (or lane) took for the work queued between start and `stop`; read
+    `seconds` once that work is known to be done. The host clock; `cuda.EventStopwatch` times
+    the device's own streams."""
+
+    def __init__(self) -> None:
+        self._start, self._end = time.perf_counter(), None
+
+    def stop(self) -> None:
+        self._end = time.perf_counter()
+
+    def seconds(self) -> float:
+        return 0.0 if self._end is None else self._end - self._start
 
 
 class SimulatedDevice(DeviceSpace):

@@ -10,10 +10,11 @@ Per-parameter grad norms are taken on the device as backward writes each grad ch
 step does not read host grads for the norm; bf16 grads are widened to fp32 as AdamW reads them
 (`adam_math`). The first host-homed groups' AdamW may run on the device, their state streamed
 through it slice by slice (`stream_adam`), while a worker thread updates the CPU's groups; which
-ones is `split`'s decision (`adam_split`). At world 1, once the split has settled, `step` returns
-as soon as every update is under way, and the next forward runs beside them: the CPU's groups go
-on updating on the worker, the streamed ones are queued by a streamer thread on the device's
-lane (streams of their own, so the forward's kernels and fetches never queue behind them). A
+ones is `split`'s decision (`adam_split`), from both engines' times over the last step's update.
+At world 1 `step` returns as soon as every update is under way, and the next forward runs beside
+them: the CPU's groups go on updating on the worker, the streamed ones are queued by a streamer
+thread on the device's lane (streams of their own, so the forward's kernels and fetches never
+queue behind them). A
 group is let go as soon as the forward needs it and its update is written (CPU) or queued
 (streamed: later users wait for its last copy's event) (`let_go_group`, called by the
 placement); `settle` ends the step before backward or anything that reads or writes the state.
@@ -88,6 +89,9 @@ class ChunkAdamW:
         self.ended_early = 0
         """Steps whose update a shortage of device room ended before the forward beside it was
         done with it (over the run, for tests and benchmarks)."""
+        self._beside: StepInFlight | None = None
+        """The last step whose update ran beside the forward, ended: its engines' times
+        (`_follow_last`)."""
         self._inflight: StepInFlight | None = None
         """The last step's updates while they run beside the next forward (see the module doc)."""
         placement.let_go_hold = self.let_go_group
@@ -101,7 +105,6 @@ class ChunkAdamW:
         for info in active:
             by_group[info.group.index].append(info)
         comm = self.collective
-        self._choose_streamed()
         grads = self.ranks.stage_grads(by_group)
         owned = {index: infos for index, infos in by_group.items() if comm.owns(index)}
         owned_infos = [info for infos in owned.values() for info in infos]
@@ -121,7 +124,8 @@ class ChunkAdamW:
             total = comm.all_reduce_sum((total.float() ** 2).reshape(1)).sqrt().reshape(())
         grad_norm = float(total)  # sync: the step's one host read of a device value
         normed = time.perf_counter()
-        timings: dict[str, float] = {}
+        timings = self._follow_last()  # before this step's split is chosen
+        self._choose_streamed()
         skipped = scaler is not None and not math.isfinite(grad_norm)
         if scaler is not None:
             scaler.update(found_inf=skipped)
@@ -193,10 +197,33 @@ class ChunkAdamW:
         return sorted(self._streamed)
 
     def _may_defer(self) -> bool:
-        """Whether this step may return before the CPU's AdamW ends: on one process (ranks
-        share the params after the update), once an automatic split stopped measuring both
-        engines' times (it needs them whole)."""
-        return not self.collective.active and not self.split.measuring
+        """Whether this step may return before its AdamW ends: on one process (ranks share the
+        params after the update)."""
+        return not self.collective.active
+
+    def _follow_last(self) -> dict[str, float]:
+        """The last step's update, timed while the forward ran beside it: each engine over its
+        own work (the CPU's on its worker, the streamed groups' on the device's clock, read now
+        that the device is past them). An automatic split follows these times, the ones of the
+        update as training runs it; they are reported as this step's `opt_cpu_adam`,
+        `opt_streamed_adam` and `stream_share`."""
+        flight, self._beside = self._beside, None
+        if flight is None:
+            return {}
+        return self._engine_times(flight, flight.stopwatch.seconds() if flight.stopwatch is not None else 0.0)
+
+    def _engine_times(self, flight: StepInFlight, streamed_s: float) -> dict[str, float]:
+        """Both engines' seconds over one step's update, and the share streamed, as reported;
+        an automatic split follows them."""
+        times = {}
+        if flight.cpu_elems:
+            times["opt_cpu_adam"] = flight.cpu_seconds
+        if flight.streamed_elems:
+            times["opt_streamed_adam"] = streamed_s
+        if flight.cpu_elems and flight.streamed_elems:
+            times["stream_share"] = flight.streamed_elems / (flight.streamed_elems + flight.cpu_elems)
+            self.split.follow(flight.cpu_elems, flight.cpu_seconds, flight.streamed_elems, streamed_s)
+        return times
 
     def _adam_all(self, owned: dict[int, list[ParamInfo]], grads: dict[int, torch.Tensor], lr: float,
                   coef: torch.Tensor | None, *, defer: bool) -> dict[str, float]:
@@ -212,8 +239,8 @@ class ChunkAdamW:
         held = [(group, infos, self._hold_state(group, infos)) for group, infos in cpu]
         host_coef = None if coef is None or not held else coef.cpu()  # one small copy, not one per group
         times: dict[str, float] = {}
-        cpu_seconds = [0.0]  # the worker's; reported when the step waits for it
         flight = StepInFlight()
+        flight.cpu_elems, flight.streamed_elems = (sum(g.grad.numel for g, _ in part) for part in (cpu, streamed))
         for group, infos, _ in held:
             flight.hold(group, infos)
 
@@ -225,7 +252,7 @@ class ChunkAdamW:
                     flight.mark(group.index)
             finally:
                 flight.release_waiters([group.index for group, _, _ in held])
-            cpu_seconds[0] = time.perf_counter() - begin
+            flight.cpu_seconds = time.perf_counter() - begin
 
         if held and (dev or streamed or defer):
             flight.futures.append(self._thread("cpu").submit(cpu_work))
@@ -259,14 +286,9 @@ class ChunkAdamW:
             return times
         self._inflight = None
         flight.wait_threads()  # re-raises what the worker raised
-        if held:
-            times["opt_cpu_adam"] = cpu_seconds[0]
         for group, infos, _ in held:
             self._let_go_state(group, infos)
-        if held and streamed:
-            cpu_elems, streamed_elems = (sum(g.grad.numel for g, _ in part) for part in (cpu, streamed))
-            times["stream_share"] = streamed_elems / (streamed_elems + cpu_elems)
-            self.split.follow(cpu_elems, times["opt_cpu_adam"], streamed_elems, times["opt_streamed_adam"])
+        times.update(self._engine_times(flight, times.get("opt_streamed_adam", 0.0)))
         return times
 
     def _stream_beside(self, flight: StepInFlight, streamed: list[tuple[ChunkGroup, list[ParamInfo]]],
@@ -286,8 +308,11 @@ class ChunkAdamW:
         def stream_work() -> None:
             try:
                 with flight.lane.running():
+                    watch = flight.lane.stopwatch()  # the split follows the lane's time (`_follow_last`)
                     stream_adamw(jobs, ring, flight.lane, coef=coef, lr=lr, config=self.config,
                                  queued=lambda i, event: flight.mark(indices[i], event))
+                    watch.stop()
+                    flight.stopwatch = watch
             finally:
                 flight.release_waiters(indices)
 
@@ -339,6 +364,7 @@ class ChunkAdamW:
             return
         try:
             flight.wait_threads()
+            self._beside = flight  # its engines' times, read once the device is past them
         finally:
             for index, (group, infos) in flight.holding.items():
                 self._let_go_state(group, infos, after=flight.updated.get(index))
