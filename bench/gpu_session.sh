@@ -15,6 +15,7 @@
 #   bash bench/gpu_session.sh profile  # 1.3b's step taken apart (bench/profile_step.py); 1.3b, 2.7b, 4b at 2048 tokens (~9 min)
 #   bash bench/gpu_session.sh overlap  # CUDA and overlap tests; 1.3b, 2.7b with the update beside the forward vs waited for (~6 min)
 #   bash bench/gpu_session.sh slices   # 1.3b with CPU AdamW slices of 1 M vs 4 M elements, alternating (~4 min)
+#   bash bench/gpu_session.sh timeline # when each part of a 2048-token step runs, every thread and the device: 1.3b, 2.7b (~2 min)
 # Timings are estimates from one day's runs; every command has its own timeout so one slow item
 # cannot take the rest of the call with it.
 set -u
@@ -49,6 +50,12 @@ case "${1:-}" in
     bench 1.3b_8 90 --preset 1.3b "${B8[@]}" --steps 3
     bench 2.7b_8 150 --preset 2.7b "${B8[@]}" --steps 3
     bench 0.7b_24 90 --preset 0.7b --gpu-mem-gib 24 --micro-batch 2 --steps 4 --warmup 2 --baseline ;;
+  timeline)  # bench/step_timeline.py: the critical path of steps taken back to back
+    for p in 1.3b 2.7b; do
+      say "timeline $p"
+      timeout 200 env PYTHONPATH=. python bench/step_timeline.py --preset "$p" --gpu-mem-gib 8 --steps 3 \
+        > "$OUT/timeline_$p.txt" 2>&1; sed -n '/medians/,$p' "$OUT/timeline_$p.txt"
+    done ;;
   large)
     bench 4b_8 180 --preset 4b "${B8[@]}" --steps 2
     bench 6.7b_8 240 --preset 6.7b "${B8[@]}" --steps 2

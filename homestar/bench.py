@@ -8,9 +8,12 @@ The breakdown, per timed step on average: forward and backward (device time on t
 stream), forward_backward (the host's time in them; the device may still be computing), h2d and
 d2h (seconds the upload and offload streams spent copying, which overlap compute; copies of the
 AdamW streamed beside the next forward are not counted), the optimizer and its parts (opt_*:
-the host's time in the step; on one process its AdamW then goes on beside the next forward).
+the host's time in the step; on one process its AdamW then goes on beside the next forward, and
+opt_cpu_adam and opt_streamed_adam are the previous step's engines, each timed over its own work
+beside that forward: the CPU's on its worker, the streamed groups' on the device).
 The timed steps run back to back with no device sync between them, as training runs them;
-`step_s` is their mean, the last step's update and every queued copy included.
+`step_s` is their mean, the last step's update and every queued copy included; step_median,
+step_min and step_max are of each step's span between the loss reads that end them.
 """
 
 from __future__ import annotations
@@ -194,11 +197,17 @@ def _measure_steps(request: BenchRequest) -> BenchResult:
         # (a step's update may still run beside the next forward); the last step's update is
         # ended and every queued kernel and copy waited for inside the timed span
         start = time.perf_counter()
+        marks = [start]
         for _ in range(request.steps):
             for k, v in _one_step(engine, x, y, request, run.optim.lr).items():
                 breakdown[k] = breakdown.get(k, 0.0) + v / request.steps
+            marks.append(time.perf_counter())  # after the step's loss sync
         _drain(engine, device)
         step_s = (time.perf_counter() - start) / request.steps
+        # each step's own span, from one loss sync to the next (the update it left running
+        # beside the next forward falls in the next span): their spread shows a noisy host
+        spans = sorted(b - a for a, b in zip(marks, marks[1:]))
+        breakdown.update(step_median=spans[len(spans) // 2], step_min=spans[0], step_max=spans[-1])
         for k, v in (engine.take_phases() if hasattr(engine, "take_phases") else {}).items():
             breakdown[k] = breakdown.get(k, 0.0) + v / request.steps
         tokens = micro_batch * request.accum * config.seq_len

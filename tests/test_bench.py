@@ -22,6 +22,9 @@ def test_bench_baseline_reports_both_systems_and_where_the_time_went(capsys):
     for key in ("forward", "backward", "forward_backward", "h2d", "d2h", "optimizer"):
         assert phases[key] > 0, key
     assert phases["forward"] + phases["backward"] <= phases["forward_backward"] * 1.05
+    for r in results.values():  # each timed step's own span, beside their mean
+        b = r["breakdown"]
+        assert 0 < b["step_min"] <= b["step_median"] <= b["step_max"] and b["step_min"] <= r["step_s"]
 
 
 def test_bench_can_recompute_activations_or_keep_them(capsys):
