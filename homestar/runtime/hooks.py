@@ -19,8 +19,9 @@
   get gradients on every rank (true of models without data-dependent branches, such as GPT).
 - Resident mode (`set_resident`), for a model whose every chunk lives on the device: parameters
   stay bound to their slots and `.grad` is a view of the grad chunk, which autograd accumulates
-  into in place; the module and saved-tensor hooks return at once and the grad hook only notes
-  that a grad arrived. Nothing moves, so no per-module bookkeeping is paid.
+  into in place; the module hooks are taken off (modules run torch's hook-free path), no
+  saved-tensor hooks are installed and the grad hook only notes that a grad arrived. Nothing
+  moves, so no per-module bookkeeping is paid.
 Knows nothing of the optimizer, the trainer or what the model is.
 """
 
@@ -67,6 +68,11 @@ class RuntimeHooks:
         self._open: dict[nn.Module, list[list[ParamInfo]]] = {}
         """Per module, a stack (nested calls) of the parameters each running call acquired."""
         self._handles = []
+        """The grad hooks' handles (installed for the engine's life)."""
+        self._module_hooks = [(module, self._make_pre(owned), self._make_post(owned))
+                              for module in model.modules() if (owned := self._owned(module))]
+        self._module_handles = []
+        """The module hooks' handles while installed (not in resident mode)."""
         self.resident = False
         """Every parameter bound and every grad a view of its chunk (see `set_resident`)."""
         self._settle = list({id(c): c for info in table for c in (info.group.param, info.group.grad)}.values())
@@ -91,11 +97,7 @@ class RuntimeHooks:
         far: one placement access (trace, room, prefetch) per run of gradients into one chunk,
         not one per parameter. Let go when a gradient for another chunk arrives, when all of
         its gradients did, or when backward ends."""
-        for module in model.modules():
-            owned = self._owned(module)
-            if owned:
-                self._handles.append(module.register_forward_pre_hook(self._make_pre(owned)))
-                self._handles.append(module.register_forward_hook(self._make_post(owned), always_call=True))
+        self._attach_module_hooks()
         for info in table:
             if info.param.requires_grad:
                 self._handles.append(info.param.register_post_accumulate_grad_hook(self._grad_hook))
@@ -108,10 +110,12 @@ class RuntimeHooks:
             return
         self.resident = on
         if not on:
+            self._attach_module_hooks()
             self.table.unbind_all()
             for info in self.table:
                 info.param.grad = None
             return
+        self._detach_module_hooks()
         for info in self.table:
             self.table.bind(info, info.group.param.device)
             if info.param.requires_grad:
@@ -120,9 +124,20 @@ class RuntimeHooks:
 
     def remove(self) -> None:
         self.set_resident(False)
+        self._detach_module_hooks()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    def _attach_module_hooks(self) -> None:
+        for module, pre, post in self._module_hooks:
+            self._module_handles.append(module.register_forward_pre_hook(pre))
+            self._module_handles.append(module.register_forward_hook(post, always_call=True))
+
+    def _detach_module_hooks(self) -> None:
+        for handle in self._module_handles:
+            handle.remove()
+        self._module_handles.clear()
 
     def saved_tensors(self):
         """Context for the forward pass: pack chunk views as geometry, re-fetch on unpack
@@ -143,8 +158,6 @@ class RuntimeHooks:
         batches = [(infos[0].group.param, [info.index for info in infos], infos) for infos in by_chunk.values()]
 
         def pre_hook(module, args):
-            if self.resident:
-                return
             taken: list = []
             self._open.setdefault(module, []).append(taken)  # what the post-hook releases
             for chunk, indices, infos in batches:  # one access per chunk, not per parameter
@@ -161,8 +174,6 @@ class RuntimeHooks:
 
     def _make_post(self, owned: list[ParamInfo]):
         def post_hook(module, args, output):
-            if self.resident:
-                return
             calls = self._open.get(module)
             for chunk, indices, infos in calls.pop() if calls else ():
                 self.placement.release(chunk, indices, Move.RELEASE_FWD)  # one batch per chunk
