@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -78,13 +79,16 @@ class BenchResult:
     message: str = ""
 
 
-def run_bench(request: BenchRequest, *, baseline: bool) -> list[BenchResult]:
-    """Run the chunk runtime (and plain PyTorch first, with `baseline`), each in a child process."""
+def run_bench(request: BenchRequest, *, baseline: bool, rounds: int = 1) -> list[BenchResult]:
+    """Run the chunk runtime (and plain PyTorch first, with `baseline`), each in a child process;
+    `rounds` times over, the systems alternating, so that a host whose speed drifts weighs on
+    both alike (`format_results` compares their medians)."""
     systems = ["torch", "chunked"] if baseline else [request.system]
     results = []
-    for system in systems:
-        child = BenchRequest(**{**asdict(request), "system": system})
-        results.append(_run_child(child))
+    for _ in range(rounds):
+        for system in systems:
+            child = BenchRequest(**{**asdict(request), "system": system})
+            results.append(_run_child(child))
     return results
 
 
@@ -293,9 +297,12 @@ def format_results(results: list[BenchResult]) -> str:
         lines.append(f"{r.system:<8} {r.preset:<7} {r.params / 1e9:>7.2f}B {r.status:<6} {r.tok_s:>10,.0f} "
                      f"{r.tflops:>8.1f} {r.step_s:>8.3f} {r.gpu_peak_gib:>8.2f} {r.cpu_peak_gib:>8.2f}  "
                      f"{parts or r.message}")
-    ok = {r.system: r for r in results if r.status == "ok"}
-    if "torch" in ok and "chunked" in ok:
-        lines.append(f"chunked / torch tok/s: {ok['chunked'].tok_s / ok['torch'].tok_s:.3f}")
+    ok = {system: [r.tok_s for r in results if r.system == system and r.status == "ok"] for system in ("torch", "chunked")}
+    if ok["torch"] and ok["chunked"]:
+        torch_s, chunked_s = statistics.median(ok["torch"]), statistics.median(ok["chunked"])
+        runs = len(ok["torch"]) + len(ok["chunked"])
+        of = f" (medians of {runs} alternated runs: {chunked_s:,.0f} and {torch_s:,.0f})" if runs > 2 else ""
+        lines.append(f"chunked / torch tok/s: {chunked_s / torch_s:.3f}{of}")
     return "\n".join(lines)
 
 

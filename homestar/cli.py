@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-checkpointing", action="store_true",
                        help="keep every block's activations instead of recomputing them (default on GPUs: recompute)")
     bench.add_argument("--baseline", action="store_true", help="also run plain PyTorch and print the ratio")
+    bench.add_argument("--rounds", type=_positive_int, default=1,
+                       help="run each system this many times, alternating with --baseline; the ratio is of medians")
     bench.add_argument("--json", action="store_true", help="one JSON object per system")
 
     sample = sub.add_parser("sample", help="generate text from a run's latest checkpoint")
@@ -300,7 +302,7 @@ def _bench(args) -> int:
                            seq_len=args.seq_len, steps=args.steps, warmup=args.warmup, precision=args.precision,
                            chunk_elems=args.chunk_elems, stream_share=args.stream_share,
                            activation_checkpointing=False if args.no_checkpointing else None)
-    results = run_bench(request, baseline=args.baseline)
+    results = run_bench(request, baseline=args.baseline, rounds=args.rounds)
     if args.json:
         for r in results:
             print(json.dumps(asdict(r)))

@@ -58,3 +58,24 @@ def test_the_default_warm_up_lasts_until_an_automatic_adamw_split_settles():
     assert _settling_steps(chunked(on_gpu=True)) == AUTO_SHARE_STEPS == 8  # it follows measured rates
     assert _settling_steps(chunked(on_gpu=False)) == 2  # nothing streams on the CPU
     assert _settling_steps(SimpleNamespace()) == 2  # plain PyTorch
+
+
+def test_bench_rounds_alternate_the_systems_and_compare_their_medians():
+    """`--rounds N` runs each system N times, alternating, so a host whose speed drifts weighs on
+    both alike; the printed ratio is of the medians."""
+    from homestar.bench import BenchRequest, BenchResult, format_results, run_bench
+
+    request = BenchRequest(preset="debug", device="cpu", seq_len=32, micro_batch=1, steps=1, warmup=0)
+    results = run_bench(request, baseline=True, rounds=2)
+    assert [r.system for r in results] == ["torch", "chunked", "torch", "chunked"]
+    assert all(r.status == "ok" and r.tok_s > 0 for r in results)
+
+    def ran(system, tok_s):
+        return BenchResult(system=system, preset="debug", params=1, status="ok", tok_s=tok_s)
+
+    # medians, not the last runs: a slow torch run and a fast chunked one are outvoted
+    made_up = [ran("torch", 100.0), ran("chunked", 90.0), ran("torch", 50.0), ran("chunked", 300.0),
+               ran("torch", 110.0), ran("chunked", 95.0)]
+    assert format_results(made_up).splitlines()[-1] == \
+        "chunked / torch tok/s: 0.950 (medians of 6 alternated runs: 95 and 100)"
+    assert format_results(made_up[:2]).splitlines()[-1] == "chunked / torch tok/s: 0.900"
