@@ -18,9 +18,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from homestar.model.config import GPTConfig
+from homestar.model.recompute import recompute as recompute_block
 
 LN_EPS = 1e-5
 _INIT_STD = 0.02
@@ -164,8 +164,7 @@ class GPT(nn.Module):
         x = (self.wte(idx) + self.wpe(pos)).float()
         recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
         for block in self.h:
-            # Non-reentrant checkpoint calls block(x) again in backward, so module hooks fire again.
-            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+            x = recompute_block(block, x) if recompute else block(x)  # hooks fire again in backward
         return self.ln_f(x)
 
     def forward(
