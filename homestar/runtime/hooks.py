@@ -5,8 +5,9 @@
 - Saved tensors: while the engine runs forward, autograd's saved tensors that view a param
   chunk are packed as (chunk, geometry) instead of holding device memory; backward's unpack
   fetches the chunk again (wherever it went meanwhile) and holds it for backward.
-- Activation checkpointing (non-reentrant): recompute runs the pre-hooks again during backward;
-  there they hold the chunk for backward (recompute may stop early, so no post-hook is relied on).
+- Activation checkpointing: recompute runs the pre-hooks again during backward; there they hold
+  the chunk for backward, and the post-hooks release nothing (each parameter's hold ends as its
+  gradient arrives).
 - Gradients: a post-accumulate-grad hook adds each parameter's gradient into its slot of the
   grad chunk (fp32, or bf16 under bf16), drops `.grad`, and ends the parameter's backward hold. Tied parameters
   get one accumulated gradient from autograd; parameters that get none are swept by `end_backward`.
