@@ -207,6 +207,29 @@ def test_checkpointing_same_loss_and_grads_and_hooks_fire_again():
     assert counts_ckpt["0.attn.c_attn"] == 3  # no recompute outside training
 
 
+def test_recompute_runs_under_the_forwards_autocast_and_trains_blocks_behind_frozen_inputs():
+    """Backward recomputes a block under the autocast state its forward had (backward itself
+    runs outside the autocast context): gradients match the kept activations' bit for bit. A
+    block whose input needs no gradient (frozen embeddings) still gets its parameters' gradients."""
+    plain, ckpt = make(seed=9), make(seed=9, checkpoint_activations=True)
+    idx, targets = tokens(2, 16), tokens(2, 16, seed=10)
+    for model in (plain, ckpt):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = model(idx, targets)
+        loss.backward()
+    grads = dict(ckpt.named_parameters())
+    for name, param in plain.named_parameters():
+        torch.testing.assert_close(param.grad, grads[name].grad, rtol=0, atol=0, msg=name)
+
+    frozen = make(seed=9, checkpoint_activations=True)
+    frozen.wte.weight.requires_grad_(False)
+    frozen.wpe.weight.requires_grad_(False)
+    _, loss = frozen(idx, targets)
+    loss.backward()
+    assert frozen.wpe.weight.grad is None
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in frozen.h.parameters())
+
+
 def test_autocast_bf16_keeps_fp32_loss():
     model = make()
     idx, targets = tokens(2, 16), tokens(2, 16, seed=7)
