@@ -80,3 +80,22 @@ def test_engine_bookkeeping_refuses_illegal_moves():
     assert not chunk.in_use()
     idx = torch.zeros(1, 8, dtype=torch.long)
     engine.forward_backward(idx, idx, 1.0)  # and the engine still works
+
+
+def test_a_slot_view_is_the_slice_it_names_wherever_the_buffer_starts():
+    """A chunk's view of a slot (one as_strided over a flat buffer) is exactly the slice
+    [offset, offset + numel) of the buffer shaped as the parameter, also when the buffer itself
+    starts inside a larger storage; a buffer too short for the slot fails as slicing does."""
+    from homestar.runtime.chunk import Chunk, Kind
+    from homestar.runtime.layout import Slot
+
+    slots = (Slot(index=0, name="a", chunk=0, offset=0, numel=6), Slot(index=1, name="b", chunk=0, offset=6, numel=8))
+    chunk = Chunk(id=0, kind=Kind.PARAM, group=0, numel=16, dtype=torch.float32, slots=slots)
+    storage = torch.arange(40, dtype=torch.float32)
+    buffer = storage[20:36]  # a flat buffer at storage offset 20
+    view = chunk.view(buffer, slots[1], torch.Size([2, 4]))
+    assert torch.equal(view, buffer[6:14].view(2, 4)) and view.is_contiguous()
+    view.add_(100)  # a view: writes land in the buffer
+    assert torch.equal(buffer[6:14], torch.arange(26, 34, dtype=torch.float32) + 100)
+    with pytest.raises(RuntimeError):
+        chunk.view(buffer[:10], slots[1], torch.Size([2, 4]))
