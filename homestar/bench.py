@@ -203,17 +203,15 @@ def _measure_steps(request: BenchRequest) -> BenchResult:
         start = time.perf_counter()
         marks = [start]
         for _ in range(request.steps):
-            for k, v in _one_step(engine, x, y, request, run.optim.lr).items():
-                breakdown[k] = breakdown.get(k, 0.0) + v / request.steps
+            _add_mean(breakdown, _one_step(engine, x, y, request, run.optim.lr), request.steps)
             marks.append(time.perf_counter())  # after the step's loss sync
         _drain(engine, device)
         step_s = (time.perf_counter() - start) / request.steps
         # each step's own span, from one loss sync to the next (the update it left running
         # beside the next forward falls in the next span): their spread shows a noisy host
-        spans = sorted(b - a for a, b in zip(marks, marks[1:]))
-        breakdown.update(step_median=spans[len(spans) // 2], step_min=spans[0], step_max=spans[-1])
-        for k, v in (engine.take_phases() if hasattr(engine, "take_phases") else {}).items():
-            breakdown[k] = breakdown.get(k, 0.0) + v / request.steps
+        spans = [b - a for a, b in zip(marks, marks[1:])]
+        breakdown.update(step_median=statistics.median(spans), step_min=min(spans), step_max=max(spans))
+        _add_mean(breakdown, engine.take_phases() if hasattr(engine, "take_phases") else {}, request.steps)
         tokens = micro_batch * request.accum * config.seq_len
         result.step_s = step_s
         result.tok_s = tokens / step_s
@@ -247,6 +245,12 @@ def _one_step(engine, x, y, request: BenchRequest, lr: float) -> dict[str, float
     report = engine.step(lr)
     float(torch.stack(losses).sum())  # note: sync on the losses, as the trainer does once per step
     return {"forward_backward": t1 - t0, **report.timings}
+
+
+def _add_mean(breakdown: dict[str, float], seconds: dict[str, float], steps: int) -> None:
+    """Add each figure's share of the mean over `steps` timed steps."""
+    for key, value in seconds.items():
+        breakdown[key] = breakdown.get(key, 0.0) + value / steps
 
 
 def _drain(engine, device: str) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from homestar.runtime.layout import Slot
-from homestar.runtime.states import Move, StateError, TensorRecord, TensorState, transition, transition_many
+from homestar.runtime.states import Move, StateError, TensorRecord, TensorState, transition_many
 
 
 _AFTER_FWD, _AFTER_BWD = TensorState.HOLD_AFTER_FWD, TensorState.HOLD_AFTER_BWD
@@ -72,15 +72,8 @@ class Chunk:
         self.filled = sum(r.state is not TensorState.FREE for r in self.records.values())
 
     def move(self, index: int, move: Move) -> None:
-        """Move one slot's state (through `transition`, the only place that changes it)."""
-        record = self.records[index]
-        was_compute, was_free = record.state is TensorState.COMPUTE, record.state is TensorState.FREE
-        try:
-            transition(record, move)
-        except StateError as error:
-            raise StateError(f"{error} (slot {index} of {self.kind.value} chunk {self.id})") from None
-        self.computing += (record.state is TensorState.COMPUTE) - was_compute
-        self.filled += was_free - (record.state is TensorState.FREE)
+        """Move one slot's state (through `transition_many`, the only place that changes it)."""
+        self.move_many((index,), move)
 
     def move_many(self, indices, move: Move) -> None:
         """Move several slots' states at once (through `transition_many`)."""

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from homestar.runtime.memory import DeviceSpace, budget_slack
+from homestar.runtime.memory import DeviceSpace, Stopwatch, budget_slack
+from homestar.runtime.phases import PhaseClock
 
 _ALLOC_CONF = "PYTORCH_CUDA_ALLOC_CONF"
 _MAPPING_STEP = 20 << 20
@@ -248,25 +249,6 @@ class CudaLane:
     def compute_wait(self, event: Any, tensor: torch.Tensor) -> None:
         _compute_wait(self.compute, event, tensor)
 
-    def stopwatch(self) -> "EventStopwatch":
+    def stopwatch(self) -> Stopwatch:
         # the lane's work starts with its first upload and ends with its last write-back
-        return EventStopwatch(self.upload, self.offload)
-
-
-class EventStopwatch:
-    """`memory.Stopwatch` on the device's clock: a timing event on the stream where the work
-    starts, one on the stream where it ends (no host sync to record either)."""
-
-    def __init__(self, first: torch.cuda.Stream, last: torch.cuda.Stream) -> None:
-        self._start, self._end, self._last = torch.cuda.Event(enable_timing=True), None, last
-        self._start.record(first)
-
-    def stop(self) -> None:
-        self._end = torch.cuda.Event(enable_timing=True)
-        self._end.record(self._last)
-
-    def seconds(self) -> float:
-        if self._end is None:
-            return 0.0
-        self._end.synchronize()  # sync: read once the work is known done; returns at once then
-        return self._start.elapsed_time(self._end) * 1e-3  # milliseconds
+        return Stopwatch(PhaseClock(cuda=True), self.upload, self.offload)

@@ -11,14 +11,13 @@ meaning, models or training.
 from __future__ import annotations
 
 import contextlib
-import time
-
 from collections import defaultdict
 from typing import Any
 
 import torch
 
 from homestar.errors import BudgetError
+from homestar.runtime.phases import PhaseClock
 
 GIB = float(1 << 30)
 
@@ -209,7 +208,7 @@ class DeviceSpace(MemorySpace):
     def stopwatch(self) -> "Stopwatch":
         """Started now: times the work queued from here on until its `stop` (see `Stopwatch`).
         Here, where copies and kernels run as they are queued: the host clock."""
-        return Stopwatch()
+        return Stopwatch(PhaseClock(cuda=False))
 
     def join(self, lane: "DeviceSpace") -> None:
         """Order this device's later compute behind everything `lane` has queued (no host sync)."""
@@ -219,18 +218,23 @@ class DeviceSpace(MemorySpace):
 
 
 class Stopwatch:
-    """How long a device (or lane) took for the work queued between start and `stop`; read
-    `seconds` once that work is known to be done. The host clock; `cuda.EventStopwatch` times
-    the device's own streams."""
+    """How long a device (or lane) took for the work queued between start and `stop`, on a
+    `PhaseClock`: the host's clock, or on CUDA timing events on the streams where the work
+    starts (`first`) and ends (`last`); read `seconds` once that work is known to be done."""
 
-    def __init__(self) -> None:
-        self._start, self._end = time.perf_counter(), None
+    def __init__(self, clock: PhaseClock, first: Any = None, last: Any = None) -> None:
+        self._clock, self._last, self._end = clock, last, None
+        self._begin = clock.start(first)
 
     def stop(self) -> None:
-        self._end = time.perf_counter()
+        self._end = self._clock.stop("work", self._begin, self._last)
 
     def seconds(self) -> float:
-        return 0.0 if self._end is None else self._end - self._start
+        if self._end is None:
+            return 0.0
+        if self._clock.cuda:
+            self._end.synchronize()  # sync: read once the work is known done; returns at once then
+        return self._clock.take()["work"]
 
 
 class SimulatedDevice(DeviceSpace):

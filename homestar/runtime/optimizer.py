@@ -14,10 +14,9 @@ ones is `split`'s decision (`adam_split`), from both engines' times over the las
 At world 1 `step` returns as soon as every update is under way, and the next forward runs beside
 them: the CPU's groups go on updating on the worker, the streamed ones are queued by a streamer
 thread on the device's lane (streams of their own, so the forward's kernels and fetches never
-queue behind them). A
-group is let go as soon as the forward needs it and its update is written (CPU) or queued
-(streamed: later users wait for its last copy's event) (`let_go_group`, called by the
-placement); `settle` ends the step before backward or anything that reads or writes the state.
+queue behind them). A group is let go as soon as the forward needs it and its update is written
+(CPU) or queued (streamed: later users wait for its last copy's event) (`let_go_group`, called by
+the placement); `settle` ends the step before backward or anything that reads or writes the state.
 Across ranks (a `Collective` of world > 1, group-owner ZeRO): each group's fp32 grads are summed
 onto its owner and its param chunk broadcast back after the owner's update (`rank_exchange`), the
 squared norm of the owners' grads is summed over ranks, each owner updates its groups alone. At
