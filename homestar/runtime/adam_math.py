@@ -5,8 +5,11 @@ every element sees plain PyTorch's maths. bf16 grads must be widened to fp32 fir
 reads grads in the master's dtype): on the device a whole chunk goes into one scratch buffer; on
 the host `sliced_adamw` widens one slice of a parameter at a time into a small buffer and updates
 that slice at once, so grad, master, moments and the bf16 copy are read while still in cache
-rather than in two passes over memory. The maths per element is the same either way. Knows
-nothing of chunks' homes, placement or threads.
+rather than in two passes over memory. The maths per element is the same either way.
+`host_adamw` is what the optimizer runs for such a group: the single-pass native kernel
+(`native_adam`: the same maths, to the bit wherever its load-time check against torch's kernel
+matches, on as many threads as it is given) where it can be built, else `sliced_adamw`. Knows
+nothing of chunks' homes or placement.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from homestar.optim import OptimConfig
+from homestar.runtime import native_adam
 
 SLICE_ELEMS = 1 << 20
 """Elements per slice on the host: 4 MiB of fp32 grads, 18 MiB touched per slice in all (grad,
@@ -65,6 +69,22 @@ def sliced_adamw(spans: list[Span], grad: torch.Tensor, master: torch.Tensor, ex
                         lr=lr, config=config, decay=span.decay)
             if param is not None:
                 param[start:stop].copy_(master[start:stop])  # fp32 -> bf16 while the slice is in cache
+
+
+def host_adamw(spans: list[Span], grad: torch.Tensor, master: torch.Tensor, exp_avg: torch.Tensor,
+               exp_avg_sq: torch.Tensor, param: torch.Tensor | None, scratch: torch.Tensor, *,
+               coef: torch.Tensor | None, lr: float, config: OptimConfig, threads: int) -> None:
+    """`sliced_adamw`'s update of one host group with narrower grads, by the native kernel when
+    it is available and the dtypes are its own (bf16 grads and params), on `threads` threads;
+    else by `sliced_adamw` itself, on torch's threads."""
+    kernel = None
+    if grad.dtype == torch.bfloat16 and (param is None or param.dtype == torch.bfloat16):
+        kernel = native_adam.kernel()
+    if kernel is None:
+        sliced_adamw(spans, grad, master, exp_avg, exp_avg_sq, param, scratch, coef=coef, lr=lr, config=config)
+    else:
+        native_adam.adamw_spans(kernel, spans, grad, master, exp_avg, exp_avg_sq, param, coef=coef, lr=lr,
+                                config=config, threads=threads)
 
 
 def param_norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

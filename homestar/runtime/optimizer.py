@@ -36,7 +36,7 @@ import torch
 
 from homestar.optim import OptimConfig, StepReport
 from homestar.runtime.adam_split import AdamSplit
-from homestar.runtime.adam_math import SLICE_ELEMS, Span, fused_adamw, param_norms, sliced_adamw
+from homestar.runtime.adam_math import SLICE_ELEMS, Span, fused_adamw, host_adamw, param_norms
 from homestar.runtime.binding import ParamInfo, ParamTable
 from homestar.runtime.chunk import Chunk, ChunkGroup, Kind
 from homestar.runtime.collectives import Collective
@@ -441,8 +441,9 @@ class ChunkAdamW:
                 self._host_scratch = torch.empty(SLICE_ELEMS, dtype=torch.float32)  # once per run
             spans = [Span(offset=i.slot.offset, numel=i.slot.numel, step=self.steps[i.index], decay=i.decay)
                      for i in infos]
-            sliced_adamw(spans, group.grad.host, master, exp_avg, exp_avg_sq, param,
-                         self._host_scratch, coef=coef, lr=lr, config=self.config)
+            # the native kernel's threads: as many as torch's here (the worker's are worker_threads')
+            host_adamw(spans, group.grad.host, master, exp_avg, exp_avg_sq, param, self._host_scratch,
+                       coef=coef, lr=lr, config=self.config, threads=torch.get_num_threads())
             return
         if wide is not None:  # bf16 grads on the device: the whole chunk widened at once
             wide.copy_(group.grad.device)  # held there: a device-side group
