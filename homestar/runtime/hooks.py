@@ -11,6 +11,9 @@
 - Gradients: a post-accumulate-grad hook adds each parameter's gradient into its slot of the
   grad chunk (fp32, or bf16 under bf16), drops `.grad`, and ends the parameter's backward hold. Tied parameters
   get one accumulated gradient from autograd; parameters that get none are swept by `end_backward`.
+  A model with a `grad_sink` attribute (GPT's recomputed blocks) gets `take_grads` there: a
+  block's gradients arrive together and go in with one add per grad chunk and one release per
+  param chunk, no hook per parameter.
 - Across ranks, in the step's last backward: once a grad chunk has received every gradient it
   will get, `grad_done` is told (the optimizer starts summing it onto its owner rank there, on
   the device, while backward goes on); the chunk stays held until the next chunk completes or
@@ -66,6 +69,12 @@ class RuntimeHooks:
         self.placement = placement
         self.phase = Phase.IDLE
         self._backward_held: set[int] = set()
+        self._learning: dict[int, list[int]] = {}
+        """Per param chunk, the slots of its parameters that take gradients."""
+        for info in table:
+            slots = self._learning.setdefault(info.group.param.id, [])
+            if info.param.requires_grad:
+                slots.append(info.index)
         self._open: dict[nn.Module, list[list[ParamInfo]]] = {}
         """Per module, a stack (nested calls) of the parameters each running call acquired."""
         self._handles = []
@@ -102,6 +111,9 @@ class RuntimeHooks:
         for info in table:
             if info.param.requires_grad:
                 self._handles.append(info.param.register_post_accumulate_grad_hook(self._grad_hook))
+        self._model = model
+        if hasattr(model, "grad_sink"):  # a model that hands recomputed blocks' grads over in batches
+            model.grad_sink = self.take_grads
 
     def set_resident(self, on: bool) -> None:
         """Enter or leave resident mode (call between works; every param and grad chunk must
@@ -129,6 +141,8 @@ class RuntimeHooks:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if getattr(self._model, "grad_sink", None) == self.take_grads:
+            self._model.grad_sink = None
 
     def _attach_module_hooks(self) -> None:
         for module, pre, post in self._module_hooks:
@@ -202,50 +216,103 @@ class RuntimeHooks:
 
     def _hold_for_backward(self, chunk: Chunk, infos: list[ParamInfo]) -> None:
         """Acquire the chunk for backward for those of its parameters not held yet in this
-        backward pass (one access for all of them)."""
-        fresh = [info.index for info in infos if info.index not in self._backward_held]
+        backward pass, and with them every other parameter of the chunk that will get a
+        gradient: one access per chunk per backward, not one per module (or saved tensor) that
+        uses it, since backward reaches a chunk's parameters together (each hold still ends as
+        its gradient arrives)."""
+        held = self._backward_held
+        fresh = [info.index for info in infos if info.index not in held]
         if fresh:
+            fresh += [index for index in self._learning[chunk.id] if index not in held and index not in fresh]
             self.placement.acquire(chunk, fresh)
-            self._backward_held.update(fresh)
+            held.update(fresh)
 
-    def _end_hold(self, info: ParamInfo) -> None:
-        if info.index in self._backward_held:
+    def _end_holds(self, infos: list[ParamInfo]) -> None:
+        """End the backward holds of those of `infos` held: one release per param chunk."""
+        held = [info for info in infos if info.index in self._backward_held]
+        if not held:
+            return
+        self.table.unbind_many(held)
+        by_chunk: dict[int, tuple[Chunk, list[int]]] = {}
+        for info in held:
             self._backward_held.discard(info.index)
-            self.table.unbind(info)
-            self.placement.release(info.group.param, [info.index], Move.RELEASE_BWD)
+            by_chunk.setdefault(info.group.param.id, (info.group.param, []))[1].append(info.index)
+        for chunk, indices in by_chunk.values():
+            self.placement.release(chunk, indices, Move.RELEASE_BWD)
 
     # -- gradients ------------------------------------------------------------------------
     def _grad_hook(self, param: torch.Tensor) -> None:
-        info = self.table.of(param)
         if self.resident:  # autograd added it into the chunk already (.grad views the slot)
-            info.has_grad = True
-            self.placement.move(info.group.grad, info.index, Move.FILL)  # the slot holds data
+            self._take([(self.table.of(param), None)])
             return
         grad, param.grad = param.grad, None
-        chunk = info.group.grad
-        device_tensor = self._add_into(chunk, info.index)
-        chunk.view(device_tensor, info.slot, info.shape).add_(grad)  # accumulates in the chunk's dtype (fp32 casts)
-        info.has_grad = True
-        self._end_hold(info)
-        self._arrived[chunk.id] = self._arrived.get(chunk.id, 0) + 1
-        if self._arrived[chunk.id] < self._expected[chunk.id]:
-            return  # more of its gradients come in this backward: kept held
-        _, held = self._adding
-        self._adding = None
-        if self.last_backward and self.grad_done:
-            self._hand_over(chunk, held)  # stays held until the next one completes
-        else:
-            self._let_go_grads(chunk, held)
+        self._take([(self.table.of(param), grad)])
 
-    def _add_into(self, chunk: Chunk, index: int) -> torch.Tensor:
-        """Hold `chunk`'s slot `index` for a gradient to be added; the device copy."""
+    def take_grads(self, params: list[nn.Parameter], grads: list[torch.Tensor | None]) -> None:
+        """A recomputed block's parameter gradients, all at once (the model's `grad_sink`):
+        one add per run of them into one grad chunk, and one release per param chunk, instead
+        of a hook per parameter. Parameters the runtime does not manage get theirs in `.grad`."""
+        arrived = []
+        for param, grad in zip(params, grads):
+            if grad is None:
+                continue
+            info = self.table.of(param)
+            if info is None:
+                param.grad = grad if param.grad is None else param.grad + grad
+            else:
+                arrived.append((info, grad))
+        if arrived:
+            self._take(arrived)
+
+    def _take(self, arrived: list[tuple[ParamInfo, torch.Tensor | None]]) -> None:
+        """Gradients arrived for these parameters (None: resident mode, where autograd added
+        them into the chunk already): add each into its slot of the grad chunk (in the chunk's
+        dtype: fp32 casts), end the parameters' backward holds, hand over completed chunks."""
+        if self.resident:
+            if arrived[0][1] is not None:  # from the sink: add into the `.grad` views as autograd would
+                torch._foreach_add_([info.param.grad for info, _ in arrived], [grad for _, grad in arrived])
+            for info, _ in arrived:
+                info.has_grad = True
+                self.placement.move(info.group.grad, info.index, Move.FILL)  # the slot holds data
+            return
+        start = 0
+        while start < len(arrived):  # runs of gradients for one grad chunk, in arrival order
+            chunk = arrived[start][0].group.grad
+            stop = start + 1
+            while stop < len(arrived) and arrived[stop][0].group.grad is chunk:
+                stop += 1
+            self._take_run(chunk, arrived[start:stop])
+            start = stop
+
+    def _take_run(self, chunk: Chunk, run: list[tuple[ParamInfo, torch.Tensor]]) -> None:
+        """Gradients for slots of one grad chunk. (A method of its own so that no reference to
+        the chunk's device copy outlives it: letting the chunk go may write it back and free it.)"""
+        infos = [info for info, _ in run]
+        device_tensor = self._add_into(chunk, [info.index for info in infos])
+        torch._foreach_add_([chunk.view(device_tensor, info.slot, info.shape) for info in infos],
+                            [grad for _, grad in run])
+        del device_tensor
+        for info in infos:
+            info.has_grad = True
+        self._end_holds(infos)
+        self._arrived[chunk.id] = self._arrived.get(chunk.id, 0) + len(infos)
+        if self._arrived[chunk.id] >= self._expected[chunk.id]:  # all of its gradients are in
+            _, held = self._adding
+            self._adding = None
+            if self.last_backward and self.grad_done:
+                self._hand_over(chunk, held)  # stays held until the next one completes
+            else:
+                self._let_go_grads(chunk, held)
+
+    def _add_into(self, chunk: Chunk, indices: list[int]) -> torch.Tensor:
+        """Hold `chunk`'s slots `indices` for gradients to be added; the device copy."""
         if self._adding is not None and self._adding[0] is chunk:
-            chunk.move(index, Move.ACQUIRE)  # the chunk is held on the device already
-            self._adding[1].append(index)
+            chunk.move_many(indices, Move.ACQUIRE)  # the chunk is held on the device already
+            self._adding[1].extend(indices)
             return chunk.device
         self._stop_adding()
-        device_tensor = self.placement.acquire(chunk, [index])
-        self._adding = (chunk, [index])
+        device_tensor = self.placement.acquire(chunk, indices)
+        self._adding = (chunk, list(indices))
         return device_tensor
 
     def _stop_adding(self) -> None:
@@ -292,8 +359,7 @@ class RuntimeHooks:
     def end_backward(self) -> None:
         """End every backward hold still open (params that got no gradient) and reset states."""
         self._stop_adding()  # a chunk some of whose parameters got no gradient
-        for index in sorted(self._backward_held):
-            self._end_hold(self.table.infos[index])
+        self._end_holds([self.table.infos[index] for index in sorted(self._backward_held)])
         self._hand_over_rest()
         self.reset()
 
