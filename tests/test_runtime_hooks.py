@@ -108,29 +108,3 @@ def test_tied_weight_is_one_parameter_with_one_slot():
     assert "wte.weight" in names and "lm_head.weight" not in names
     assert engine.model.lm_head.weight is engine.model.wte.weight
 
-
-def test_recomputed_blocks_hand_their_grads_over_in_batches(monkeypatch):
-    """With checkpointing, attach makes the runtime the model's grad sink: each block's parameter
-    gradients arrive together (no per-parameter hook), only the parameters outside the blocks
-    come one by one through the gradient hook (training still matches plain PyTorch: the parity
-    tests check that in full), and closing the engine leaves the model without a sink."""
-    from homestar.runtime.hooks import RuntimeHooks
-
-    setup = Setup(checkpoint=True, n_layer=3)
-    engine = attach_copy(make_model(setup), setup, budget_chunks=6)
-    assert engine.model.grad_sink == engine.hooks.take_grads
-    taken = []
-    take = RuntimeHooks._take
-    monkeypatch.setattr(RuntimeHooks, "_take", lambda self, arrived: (taken.append([i.param for i, _ in arrived]),
-                                                                      take(self, arrived)))
-    (idx, targets), = batches(1, 1)[0]
-    engine.forward_backward(idx, targets, 1.0)
-    blocks = [{id(p) for p in block.parameters()} for block in engine.model.h]
-    batched = [{id(p) for p in params} for params in taken if len(params) > 1]
-    assert batched == blocks[::-1]  # backward runs the blocks last to first
-    singles = [params[0] for params in taken if len(params) == 1]
-    assert singles and not any(id(p) in block for p in singles for block in blocks)
-    assert all(info.has_grad for info in engine.table)
-    engine.step(1e-3)
-    engine.close()
-    assert engine.model.grad_sink is None

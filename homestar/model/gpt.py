@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from homestar.model.config import GPTConfig
-from homestar.model.recompute import GradSink, recompute as recompute_block
+from homestar.model.recompute import recompute as recompute_block
 
 LN_EPS = 1e-5
 _INIT_STD = 0.02
@@ -93,16 +93,13 @@ class GPT(nn.Module):
 
     With `checkpoint_activations`, each block's activations are recomputed in backward instead of
     kept (training mode with grad enabled only): about one extra forward of compute for a memory
-    cost of one [B, T, d_model] tensor per block. `grad_sink`, when set (a memory runtime sets
-    it), takes each recomputed block's parameter gradients instead of `.grad`
-    (`model/recompute.py`).
+    cost of one [B, T, d_model] tensor per block.
     """
 
     def __init__(self, config: GPTConfig, *, checkpoint_activations: bool = False) -> None:
         super().__init__()
         self.config = config
         self.checkpoint_activations = checkpoint_activations
-        self.grad_sink: GradSink | None = None
         target = torch.get_default_device()
         with torch.device("meta"):  # shapes first: torch.nn's own init would draw every weight once more
             self.wte = nn.Embedding(config.vocab_size, config.d_model)
@@ -167,7 +164,7 @@ class GPT(nn.Module):
         x = (self.wte(idx) + self.wpe(pos)).float()
         recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
         for block in self.h:
-            x = recompute_block(block, x, self.grad_sink) if recompute else block(x)  # hooks fire again in backward
+            x = recompute_block(block, x) if recompute else block(x)  # hooks fire again in backward
         return self.ln_f(x)
 
     def forward(

@@ -11,9 +11,6 @@
 - Gradients: a post-accumulate-grad hook adds each parameter's gradient into its slot of the
   grad chunk (fp32, or bf16 under bf16), drops `.grad`, and ends the parameter's backward hold. Tied parameters
   get one accumulated gradient from autograd; parameters that get none are swept by `end_backward`.
-  A model with a `grad_sink` attribute (GPT's recomputed blocks) gets `take_grads` there: a
-  block's gradients arrive together and go in with one add per grad chunk and one release per
-  param chunk, no hook per parameter.
 - Across ranks, in the step's last backward: once a grad chunk has received every gradient it
   will get, `grad_done` is told (the optimizer starts summing it onto its owner rank there, on
   the device, while backward goes on); the chunk stays held until the next chunk completes or
@@ -111,9 +108,6 @@ class RuntimeHooks:
         for info in table:
             if info.param.requires_grad:
                 self._handles.append(info.param.register_post_accumulate_grad_hook(self._grad_hook))
-        self._model = model
-        if hasattr(model, "grad_sink"):  # a model that hands recomputed blocks' grads over in batches
-            model.grad_sink = self.take_grads
 
     def set_resident(self, on: bool) -> None:
         """Enter or leave resident mode (call between works; every param and grad chunk must
@@ -141,8 +135,6 @@ class RuntimeHooks:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        if getattr(self._model, "grad_sink", None) == self.take_grads:
-            self._model.grad_sink = None
 
     def _attach_module_hooks(self) -> None:
         for module, pre, post in self._module_hooks:
@@ -242,77 +234,37 @@ class RuntimeHooks:
 
     # -- gradients ------------------------------------------------------------------------
     def _grad_hook(self, param: torch.Tensor) -> None:
+        info = self.table.of(param)
         if self.resident:  # autograd added it into the chunk already (.grad views the slot)
-            self._take([(self.table.of(param), None)])
+            info.has_grad = True
+            self.placement.move(info.group.grad, info.index, Move.FILL)  # the slot holds data
             return
         grad, param.grad = param.grad, None
-        self._take([(self.table.of(param), grad)])
+        chunk = info.group.grad
+        device_tensor = self._add_into(chunk, info.index)
+        chunk.view(device_tensor, info.slot, info.shape).add_(grad)  # accumulates in the chunk's dtype (fp32 casts)
+        del device_tensor  # letting the chunk go below may write it back and free its device copy
+        info.has_grad = True
+        self._end_holds([info])
+        self._arrived[chunk.id] = self._arrived.get(chunk.id, 0) + 1
+        if self._arrived[chunk.id] < self._expected[chunk.id]:
+            return  # more of its gradients come in this backward: kept held
+        _, held = self._adding
+        self._adding = None
+        if self.last_backward and self.grad_done:
+            self._hand_over(chunk, held)  # stays held until the next one completes
+        else:
+            self._let_go_grads(chunk, held)
 
-    def take_grads(self, params: list[nn.Parameter], grads: list[torch.Tensor | None]) -> None:
-        """A recomputed block's parameter gradients, all at once (the model's `grad_sink`):
-        one add per run of them into one grad chunk, and one release per param chunk, instead
-        of a hook per parameter. Parameters the runtime does not manage get theirs in `.grad`."""
-        arrived = []
-        for param, grad in zip(params, grads):
-            if grad is None:
-                continue
-            info = self.table.of(param)
-            if info is None:
-                param.grad = grad if param.grad is None else param.grad + grad
-            else:
-                arrived.append((info, grad))
-        if arrived:
-            self._take(arrived)
-
-    def _take(self, arrived: list[tuple[ParamInfo, torch.Tensor | None]]) -> None:
-        """Gradients arrived for these parameters (None: resident mode, where autograd added
-        them into the chunk already): add each into its slot of the grad chunk (in the chunk's
-        dtype: fp32 casts), end the parameters' backward holds, hand over completed chunks."""
-        if self.resident:
-            if arrived[0][1] is not None:  # from the sink: add into the `.grad` views as autograd would
-                torch._foreach_add_([info.param.grad for info, _ in arrived], [grad for _, grad in arrived])
-            for info, _ in arrived:
-                info.has_grad = True
-                self.placement.move(info.group.grad, info.index, Move.FILL)  # the slot holds data
-            return
-        start = 0
-        while start < len(arrived):  # runs of gradients for one grad chunk, in arrival order
-            chunk = arrived[start][0].group.grad
-            stop = start + 1
-            while stop < len(arrived) and arrived[stop][0].group.grad is chunk:
-                stop += 1
-            self._take_run(chunk, arrived[start:stop])
-            start = stop
-
-    def _take_run(self, chunk: Chunk, run: list[tuple[ParamInfo, torch.Tensor]]) -> None:
-        """Gradients for slots of one grad chunk. (A method of its own so that no reference to
-        the chunk's device copy outlives it: letting the chunk go may write it back and free it.)"""
-        infos = [info for info, _ in run]
-        device_tensor = self._add_into(chunk, [info.index for info in infos])
-        torch._foreach_add_([chunk.view(device_tensor, info.slot, info.shape) for info in infos],
-                            [grad for _, grad in run])
-        del device_tensor
-        for info in infos:
-            info.has_grad = True
-        self._end_holds(infos)
-        self._arrived[chunk.id] = self._arrived.get(chunk.id, 0) + len(infos)
-        if self._arrived[chunk.id] >= self._expected[chunk.id]:  # all of its gradients are in
-            _, held = self._adding
-            self._adding = None
-            if self.last_backward and self.grad_done:
-                self._hand_over(chunk, held)  # stays held until the next one completes
-            else:
-                self._let_go_grads(chunk, held)
-
-    def _add_into(self, chunk: Chunk, indices: list[int]) -> torch.Tensor:
-        """Hold `chunk`'s slots `indices` for gradients to be added; the device copy."""
+    def _add_into(self, chunk: Chunk, index: int) -> torch.Tensor:
+        """Hold `chunk`'s slot `index` for a gradient to be added; the device copy."""
         if self._adding is not None and self._adding[0] is chunk:
-            chunk.move_many(indices, Move.ACQUIRE)  # the chunk is held on the device already
-            self._adding[1].extend(indices)
+            chunk.move(index, Move.ACQUIRE)  # the chunk is held on the device already
+            self._adding[1].append(index)
             return chunk.device
         self._stop_adding()
-        device_tensor = self.placement.acquire(chunk, indices)
-        self._adding = (chunk, list(indices))
+        device_tensor = self.placement.acquire(chunk, [index])
+        self._adding = (chunk, [index])
         return device_tensor
 
     def _stop_adding(self) -> None:
