@@ -4,8 +4,8 @@
 
 The first two run torch's fused CPU AdamW on one chunk's flat buffers (fp32 master and moments,
 bf16 grads and params) split into GPT-shaped parameters; the third runs the single-pass native
-kernel (`native_adam`, built on first use) over the same buffers on as many threads as torch
-uses. Prints the median and best seconds of each and the median's G elements per second.
+kernel (`homestar.runtime.native`, built on first use) over the same buffers on as many threads
+as torch uses. Prints the median and best seconds of each and the median's G elements per second.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 import torch
 
 from homestar.optim import OptimConfig
-from homestar.runtime import adam_math, native_adam
+from homestar.runtime import adam_math, native
 
 
 def main() -> None:
@@ -51,15 +51,15 @@ def main() -> None:
     def sliced() -> None:
         adam_math.sliced_adamw(spans, grad, master, m, v, param, slice_scratch, coef=None, lr=1e-3, config=config)
 
-    kernel = native_adam.kernel()
+    kernel = native.kernel()
 
-    def native() -> None:
-        native_adam.adamw_spans(kernel, spans, grad, master, m, v, param, coef=None, lr=1e-3, config=config,
-                                threads=torch.get_num_threads())
+    def run_native() -> None:
+        native.adamw_spans(kernel, spans, grad, master, m, v, param, coef=None, lr=1e-3, config=config,
+                           threads=torch.get_num_threads())
 
     works = [("whole chunk", whole), ("slice by slice", sliced)]
     if kernel is not None:
-        works.append(("native", native))
+        works.append(("native", run_native))
     else:
         print("native kernel unavailable (see the log line above): not timed")
     times: dict[str, list[float]] = {name: [] for name, _ in works}

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from homestar.optim import OptimConfig
-from homestar.runtime import adam_math, native_adam
+from homestar.runtime import adam_math, native
 from homestar.runtime.adam_math import Span, fused_adamw, host_adamw, sliced_adamw
 
-needs_compiler = pytest.mark.skipif(native_adam.compiler() is None,
+needs_compiler = pytest.mark.skipif(native.compiler() is None,
                                     reason="no C compiler (cc, gcc or $CC) to build the kernel")
 
 
@@ -22,19 +22,19 @@ def build_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("native-home")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HOMESTAR_HOME", str(home))
-        patch.delenv(native_adam.ENV, raising=False)
+        patch.delenv(native.ENV, raising=False)
         yield home
 
 
 @pytest.fixture
 def kernel(build_home, monkeypatch):
     monkeypatch.setenv("HOMESTAR_HOME", str(build_home))
-    monkeypatch.delenv(native_adam.ENV, raising=False)
-    native_adam.forget()
-    found = native_adam.kernel()
+    monkeypatch.delenv(native.ENV, raising=False)
+    native.forget()
+    found = native.kernel()
     assert found is not None, "the kernel did not build (see the log)"
     yield found
-    native_adam.forget()
+    native.forget()
 
 
 # spans of odd lengths (none a multiple of a vector), with gaps between, each its own step count
@@ -100,7 +100,7 @@ def test_native_adamw_is_torch_fused_adamw_to_the_bit(kernel, monkeypatch, threa
     """Several steps over many spans of odd lengths with their own step counts, split over threads
     (pieces cut inside spans): master and moments are bit for bit torch's, the bf16 param is the
     master's cast, and nothing outside the spans is touched."""
-    monkeypatch.setattr(native_adam, "MIN_PIECE", 64)  # small spans still spread over the threads
+    monkeypatch.setattr(native.run, "MIN_PIECE", 64)  # small spans still spread over the threads
     config = OptimConfig(lr=1e-3, weight_decay=0.1, betas=betas)
     lr = 2e-3
     decays = [i % 2 == 0 for i in range(len(SIZES))] if decay == "mixed" else [False] * len(SIZES)
@@ -114,7 +114,7 @@ def test_native_adamw_is_torch_fused_adamw_to_the_bit(kernel, monkeypatch, threa
     for grad in grads:
         for span in spans:
             span.step.add_(1)  # as the optimizer advances them before the update
-        native_adam.adamw_spans(kernel, spans, grad, *got, param, coef=coef, lr=lr, config=config, threads=threads)
+        native.adamw_spans(kernel, spans, grad, *got, param, coef=coef, lr=lr, config=config, threads=threads)
 
     assert kernel.exact, f"no form of the kernel matched torch here (best: {kernel.max_ulps} ulps)"
     for name, a, b in zip(("master", "exp_avg", "exp_avg_sq"), got, expected):
@@ -144,8 +144,8 @@ def test_the_bf16_cast_rounds_to_nearest_even_and_keeps_nan(kernel):
     moments = [torch.zeros(n), torch.zeros(n)]
     param = torch.empty(n, dtype=torch.bfloat16)
     spans = [Span(offset=0, numel=n, step=torch.tensor(1.0), decay=False)]
-    native_adam.adamw_spans(kernel, spans, torch.zeros(n, dtype=torch.bfloat16), master, *moments, param,
-                            coef=None, lr=0.0, config=OptimConfig(), threads=2)
+    native.adamw_spans(kernel, spans, torch.zeros(n, dtype=torch.bfloat16), master, *moments, param,
+                       coef=None, lr=0.0, config=OptimConfig(), threads=2)
     nan = before.isnan()
     assert torch.equal(master[~nan], before[~nan]) and bool(master[nan].isnan().all())
     assert torch.equal(param[~nan].view(torch.int16), before[~nan].bfloat16().view(torch.int16))
@@ -184,8 +184,8 @@ def _assert_same(a, b):
 @needs_compiler
 def test_host_adamw_runs_the_native_kernel_when_it_is_there(kernel, monkeypatch):
     calls = []
-    original = native_adam.adamw_spans
-    monkeypatch.setattr(native_adam, "adamw_spans", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = native.adamw_spans
+    monkeypatch.setattr(native, "adamw_spans", lambda *a, **k: calls.append(1) or original(*a, **k))
     spans, grad, state = _host_case()
     coef = torch.tensor(0.5)
     _assert_same(_host(spans, grad, state, coef), _sliced(spans, grad, state, coef))
@@ -195,19 +195,19 @@ def test_host_adamw_runs_the_native_kernel_when_it_is_there(kernel, monkeypatch)
 def _no_native_calls(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the native kernel ran")
-    monkeypatch.setattr(native_adam, "adamw_spans", refuse)
+    monkeypatch.setattr(native, "adamw_spans", refuse)
 
 
 def test_disabled_by_the_environment_the_torch_path_runs(monkeypatch, caplog):
-    monkeypatch.setenv(native_adam.ENV, "0")
-    native_adam.forget()
+    monkeypatch.setenv(native.ENV, "0")
+    native.forget()
     _no_native_calls(monkeypatch)
-    with caplog.at_level(logging.INFO, logger=native_adam.__name__):
-        assert native_adam.kernel() is None
+    with caplog.at_level(logging.INFO, logger=native.__name__):
+        assert native.kernel() is None
         spans, grad, state = _host_case()
         _assert_same(_host(spans, grad, state, None), _sliced(spans, grad, state, None))
-    assert len(caplog.records) == 1 and f"{native_adam.ENV}=0" in caplog.records[0].getMessage()
-    native_adam.forget()
+    assert len(caplog.records) == 1 and f"{native.ENV}=0" in caplog.records[0].getMessage()
+    native.forget()
 
 
 @pytest.mark.parametrize("broken", ["missing", "failing"])
@@ -215,17 +215,17 @@ def test_without_a_working_compiler_the_torch_path_runs(monkeypatch, tmp_path, c
     """No compiler found, or one whose build fails: one warning line (no traceback), no library
     left behind, and the host's AdamW gives the torch path's results."""
     monkeypatch.setenv("HOMESTAR_HOME", str(tmp_path))  # no cached build to fall back on
-    monkeypatch.delenv(native_adam.ENV, raising=False)
+    monkeypatch.delenv(native.ENV, raising=False)
     if broken == "missing":
         monkeypatch.delenv("CC", raising=False)
-        monkeypatch.setattr(native_adam.shutil, "which", lambda name: None)
+        monkeypatch.setattr(native.build.shutil, "which", lambda name: None)
     else:
         monkeypatch.setenv("CC", "false")  # runs, fails every build
-    native_adam.forget()
+    native.forget()
     _no_native_calls(monkeypatch)
-    with caplog.at_level(logging.INFO, logger=native_adam.__name__):
-        assert native_adam.kernel() is None
-        assert native_adam.kernel() is None  # asked again: not tried (or logged) again
+    with caplog.at_level(logging.INFO, logger=native.__name__):
+        assert native.kernel() is None
+        assert native.kernel() is None  # asked again: not tried (or logged) again
         spans, grad, state = _host_case()
         _assert_same(_host(spans, grad, state, torch.tensor(0.25)), _sliced(spans, grad, state, torch.tensor(0.25)))
     assert len(caplog.records) == 1
@@ -233,7 +233,7 @@ def test_without_a_working_compiler_the_torch_path_runs(monkeypatch, tmp_path, c
     assert "\n" not in caplog.records[0].getMessage()
     folder = tmp_path / "cache" / "native"
     assert not folder.exists() or not any(folder.iterdir())
-    native_adam.forget()
+    native.forget()
 
 
 @needs_compiler
@@ -248,9 +248,9 @@ def test_a_cached_build_is_reused(kernel, monkeypatch):
             compiled.append(args)
         return run(args, *rest, **kwargs)
 
-    monkeypatch.setattr(native_adam.subprocess, "run", watch)
-    native_adam.forget()
-    again = native_adam.kernel()
+    monkeypatch.setattr(native.build.subprocess, "run", watch)
+    native.forget()
+    again = native.kernel()
     assert again is not None and again.path == kernel.path and not compiled
     assert [p.name for p in kernel.path.parent.iterdir()] == [kernel.path.name]
     assert (again.vector, again.body_form, again.tail_form) == (kernel.vector, kernel.body_form, kernel.tail_form)
@@ -273,6 +273,6 @@ def test_bad_buffers_are_refused_with_a_clear_message(kernel):
     for message, change in cases.items():
         args = {**good, "coef": None, "threads": 1, **change}
         with pytest.raises(ValueError, match=message):
-            native_adam.adamw_spans(kernel, spans, args["grad"], args["master"], args["exp_avg"], args["exp_avg_sq"],
-                                    args["param"], coef=args["coef"], lr=1e-3, config=OptimConfig(),
-                                    threads=args["threads"])
+            native.adamw_spans(kernel, spans, args["grad"], args["master"], args["exp_avg"], args["exp_avg_sq"],
+                               args["param"], coef=args["coef"], lr=1e-3, config=OptimConfig(),
+                               threads=args["threads"])

@@ -7,7 +7,7 @@ the host `sliced_adamw` widens one slice of a parameter at a time into a small b
 that slice at once, so grad, master, moments and the bf16 copy are read while still in cache
 rather than in two passes over memory. The maths per element is the same either way.
 `host_adamw` is what the optimizer runs for such a group: the single-pass native kernel
-(`native_adam`: the same maths, to the bit wherever its load-time check against torch's kernel
+(`native`: the same maths, to the bit wherever its load-time check against torch's kernel
 matches, on as many threads as it is given) where it can be built, else `sliced_adamw`. Knows
 nothing of chunks' homes or placement.
 """
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from homestar.optim import OptimConfig
-from homestar.runtime import native_adam
+from homestar.runtime import native
 
 SLICE_ELEMS = 1 << 20
 """Elements per slice on the host: 4 MiB of fp32 grads, 18 MiB touched per slice in all (grad,
@@ -79,12 +79,12 @@ def host_adamw(spans: list[Span], grad: torch.Tensor, master: torch.Tensor, exp_
     else by `sliced_adamw` itself, on torch's threads."""
     kernel = None
     if grad.dtype == torch.bfloat16 and (param is None or param.dtype == torch.bfloat16):
-        kernel = native_adam.kernel()
+        kernel = native.kernel()
     if kernel is None:
         sliced_adamw(spans, grad, master, exp_avg, exp_avg_sq, param, scratch, coef=coef, lr=lr, config=config)
     else:
-        native_adam.adamw_spans(kernel, spans, grad, master, exp_avg, exp_avg_sq, param, coef=coef, lr=lr,
-                                config=config, threads=threads)
+        native.adamw_spans(kernel, spans, grad, master, exp_avg, exp_avg_sq, param, coef=coef, lr=lr,
+                           config=config, threads=threads)
 
 
 def param_norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

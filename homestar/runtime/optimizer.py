@@ -1,9 +1,11 @@
 """Device-aware AdamW over chunk groups, with torch.optim.AdamW's exact semantics.
 
 Each group's AdamW runs where the group's state lives: on the device for groups homed there, on
-the CPU for the rest. Both call torch's fused AdamW kernel (`torch._fused_adamw_`, what
-`torch.optim.AdamW(fused=True)` runs) on lists of per-parameter views into the chunks, so every
-element sees the same maths as plain PyTorch. Also as torch: parameters that got no gradient are
+the CPU for the rest. The device's groups call torch's fused AdamW kernel (`torch._fused_adamw_`,
+what `torch.optim.AdamW(fused=True)` runs) on lists of per-parameter views into the chunks; the
+host's groups run the native one-pass kernel (`native`: torch's fused AdamW to the bit) where it
+could be built, else torch's kernel slice by slice; so every element sees the same maths as plain
+PyTorch. Also as torch: parameters that got no gradient are
 skipped, each parameter has its own step count, no-decay parameters get weight_decay 0, global-
 norm clipping computes the norm of per-parameter norms, fp16 overflow skips the step.
 Per-parameter grad norms are taken on the device as backward writes each grad chunk back, so the
