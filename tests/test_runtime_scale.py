@@ -157,5 +157,36 @@ def test_device_out_of_memory_mid_step_becomes_a_budget_error():
 
     engine = attach(model, RuntimeConfig(device="cpu", chunk_elems=SCALED_CHUNK), OptimConfig(lr=1e-3), loss_fn=failing)
     idx = torch.zeros(1, 8, dtype=torch.long)
-    with pytest.raises(BudgetError, match="ran out of memory"):
+    with pytest.raises(BudgetError, match="ran out of memory in the forward, 136.00 MiB wanted: "):
         engine.forward_backward(idx, idx, 1.0)
+
+
+def test_the_out_of_memory_message_says_where_the_work_was():
+    """Backward and the optimizer step are named as such (the error a user reads, and the first
+    thing to know when a budget turns out too small)."""
+
+    class FailsInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # noqa: ANN001
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):  # noqa: ANN001
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def loss(model, idx, targets):
+        return FailsInBackward.apply(model(idx, targets)[1])
+
+    torch.manual_seed(0)
+    engine = attach(GPT(SCALED), RuntimeConfig(device="cpu", chunk_elems=SCALED_CHUNK), OptimConfig(lr=1e-3), loss_fn=loss)
+    idx = torch.zeros(1, 8, dtype=torch.long)
+    with pytest.raises(BudgetError, match="ran out of memory in the backward, 2.00 GiB wanted: "):
+        engine.forward_backward(idx, idx, 1.0)
+
+    def failing_step(lr, scaler):
+        raise torch.OutOfMemoryError("out of memory")  # no size given: none reported
+
+    engine.adamw.step = failing_step
+    with pytest.raises(BudgetError, match="ran out of memory in the step: "):
+        engine.step(1e-3)
+    engine.close()

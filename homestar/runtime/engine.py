@@ -10,6 +10,7 @@ measured non-model memory. Knows nothing of GPT, data, files or the UI.
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Callable, Hashable
 
 import torch
@@ -255,13 +256,14 @@ class ChunkedEngine:
         try:
             yield
         except BaseException as error:
+            where = self._where(key)  # before the phase is reset below
             self.hooks.phase = Phase.IDLE
             self.adamw.abandon()  # before abort: the step in flight lets go of what it holds
             self.placement.abort()
             self.hooks.reset()
             self.tracer.abandon()
             if isinstance(error, torch.OutOfMemoryError):
-                raise BudgetError(self._oom_message()) from error
+                raise BudgetError(self._oom_message(where, error)) from error
             raise
         self.hooks.phase = Phase.IDLE
         self.hooks.end_backward()
@@ -269,10 +271,19 @@ class ChunkedEngine:
         if recorded is not None and recorded.key[0] == "train":
             self._replan()
 
-    def _oom_message(self) -> str:
+    def _where(self, key: Hashable | None) -> str:
+        """Which part of the work runs: 'step', 'forward' or 'backward' (of a training or eval
+        pass), for an error message."""
+        if key is not None and key[0] == "step":
+            return "step"
+        return "backward" if self.hooks.phase is Phase.BACKWARD else "forward"
+
+    def _oom_message(self, where: str, error: BaseException) -> str:
         device = self.placement.device
+        asked = _TRIED.search(str(error))  # torch's CUDA message says how much it wanted
+        wanted = f", {asked.group(1)} wanted" if asked else ""
         return (
-            f"the device ran out of memory: {fmt_bytes(device.used)} of chunks, "
+            f"the device ran out of memory in the {where}{wanted}: {fmt_bytes(device.used)} of chunks, "
             f"{fmt_bytes(self.tracer.run_peak)} of activations and workspace measured so far, "
             f"{fmt_bytes(device.allocator_held())} held by the allocator, "
             f"budget {fmt_bytes(device.budget or 0)}; lower the micro-batch or raise the budget"
@@ -327,6 +338,9 @@ class ChunkedEngine:
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self.device, non_blocking=True)
+
+
+_TRIED = re.compile(r"Tried to allocate ([0-9.]+ [KMGT]?i?B)")
 
 
 def _cap(budget: int | None) -> float:
