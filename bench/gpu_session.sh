@@ -15,6 +15,7 @@
 #   bash bench/gpu_session.sh profile  # 1.3b's step taken apart (bench/profile_step.py); 1.3b, 2.7b, 4b at 2048 tokens (~9 min)
 #   bash bench/gpu_session.sh overlap  # CUDA and overlap tests; 1.3b, 2.7b with the update beside the forward vs waited for (~6 min)
 #   bash bench/gpu_session.sh slices   # 1.3b with CPU AdamW slices of 1 M vs 4 M elements, alternating (~4 min)
+#   bash bench/gpu_session.sh native   # 1.3b and 2.7b with the native host AdamW vs torch's kernels, alternating (~7 min)
 #   bash bench/gpu_session.sh timeline # when each part of a 2048-token step runs, every thread and the device: 1.3b, 2.7b (~2 min)
 # Timings are estimates from one day's runs; every command has its own timeout so one slow item
 # cannot take the rest of the call with it.
@@ -37,11 +38,16 @@ for line in open(sys.argv[1]):
           f"  gpu {r['gpu_peak_gib']:.2f}  host {r['cpu_peak_gib']:.2f} GiB  {parts} {r['message']}")
 PY
 }
+cuda_tests() {  # cuda_tests TIMEOUT FILES...: the GPU tests and the native AdamW's (pyproject's -q: one summary line)
+  local limit=$1; shift
+  say "CUDA tests"; timeout "$limit" python -m pytest -p no:cacheprovider "$@" tests/test_runtime_native_adam.py 2>&1 \
+    | grep -E "passed|failed|error" | tail -3
+}
 B8=(--gpu-mem-gib 8 --micro-batch 2)
 # without --warmup, bench warms up until the automatic CPU/GPU AdamW split has settled
 case "${1:-}" in
   checks)
-    say "CUDA tests"; timeout 120 python -m pytest -q -p no:cacheprovider tests/test_runtime_cuda.py 2>&1 | tail -2
+    cuda_tests 120 tests/test_runtime_cuda.py
     say "gpu_check"; OUT=$OUT/check timeout 300 bash bench/gpu_check.sh 2>&1 | grep -v "^step " | tail -6
     say "gpu_oom"; OUT=$OUT/oom timeout 200 bash bench/gpu_oom.sh 2>&1 | tail -14 ;;
   small)
@@ -50,6 +56,13 @@ case "${1:-}" in
     bench 1.3b_8 90 --preset 1.3b "${B8[@]}" --steps 3
     bench 2.7b_8 150 --preset 2.7b "${B8[@]}" --steps 3
     bench 0.7b_24 90 --preset 0.7b --gpu-mem-gib 24 --micro-batch 2 --steps 4 --warmup 2 --baseline ;;
+  native)  # the host's AdamW: the native one-pass kernel (now) against torch's sliced kernels, alternating
+    for i in 1 2; do
+      bench "1.3b_native$i" 100 --preset 1.3b "${B8[@]}" --steps 4
+      HOMESTAR_NATIVE_ADAM=0 bench "1.3b_torch$i" 100 --preset 1.3b "${B8[@]}" --steps 4
+    done
+    bench 2.7b_native 130 --preset 2.7b "${B8[@]}" --steps 3
+    HOMESTAR_NATIVE_ADAM=0 bench 2.7b_torch 130 --preset 2.7b "${B8[@]}" --steps 3 ;;
   timeline)  # bench/step_timeline.py: the critical path of steps taken back to back
     for p in 1.3b 2.7b; do
       say "timeline $p"
@@ -67,7 +80,7 @@ case "${1:-}" in
     budget=${1#plan}; say "plan vs measured at $budget GiB"
     timeout 560 python bench/plan_vs_measured.py --budgets "$budget" --steps 2 2>&1 | tee "$OUT/plan$budget.txt" ;;
   stream)  # AdamW split between the CPU and the GPU by measured rates (the default) vs CPU alone
-    say "CUDA tests"; timeout 150 python -m pytest -q -p no:cacheprovider tests/test_runtime_cuda.py 2>&1 | tail -4
+    cuda_tests 150 tests/test_runtime_cuda.py
     bench 1.3b_auto 120 --preset 1.3b "${B8[@]}" --steps 3
     bench 1.3b_cpu 100 --preset 1.3b "${B8[@]}" --steps 3 --warmup 2 --stream-share 0
     bench 2.7b_auto 150 --preset 2.7b "${B8[@]}" --steps 3
@@ -76,7 +89,7 @@ case "${1:-}" in
     bench 350m_8 250 --preset 350m "${B8[@]}" --steps 6 --warmup 3 --baseline --rounds 3
     bench 0.7b_24 300 --preset 0.7b --gpu-mem-gib 24 --micro-batch 2 --steps 6 --warmup 3 --baseline --rounds 3 ;;
   waits)  # the host's waits spinning (before) against sleeping (now), alternating
-    say "CUDA tests"; timeout 150 python -m pytest -q -p no:cacheprovider tests/test_runtime_cuda.py 2>&1 | tail -2
+    cuda_tests 150 tests/test_runtime_cuda.py
     mkdir -p "$OUT/spin"
     cat > "$OUT/spin/sitecustomize.py" <<'PY'
 from homestar.runtime import cuda
@@ -91,7 +104,7 @@ PY
       bench "1.3b_sleep$i" 120 --preset 1.3b "${B8[@]}" --steps 4
     done ;;
   overlap)  # the step's AdamW beside the next forward (now) against waited for in the step, alternating
-    say "CUDA tests"; timeout 150 python -m pytest -q -p no:cacheprovider tests/test_runtime_cuda.py tests/test_runtime_overlap.py 2>&1 | tail -2
+    cuda_tests 150 tests/test_runtime_cuda.py tests/test_runtime_overlap.py
     mkdir -p "$OUT/waited"
     cat > "$OUT/waited/sitecustomize.py" <<'PY'
 from homestar.runtime import optimizer
@@ -126,6 +139,6 @@ PY
     bench 1.3b_8 120 --preset 1.3b "${B8[@]}" --steps 3
     bench 2.7b_8 150 --preset 2.7b "${B8[@]}" --steps 3
     bench 4b_8 190 --preset 4b "${B8[@]}" --steps 3 ;;
-  *) echo "usage: bash bench/gpu_session.sh checks|small|large|plan8|plan8big|plan24|stream|fits|waits|table8|table24|speed|profile|overlap|slices|timeline" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_session.sh checks|small|large|plan8|plan8big|plan24|stream|fits|waits|table8|table24|speed|profile|overlap|slices|native|timeline" >&2; exit 2 ;;
 esac
 say done
