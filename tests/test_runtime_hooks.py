@@ -107,4 +107,3 @@ def test_tied_weight_is_one_parameter_with_one_slot():
     names = [info.name for info in engine.table]
     assert "wte.weight" in names and "lm_head.weight" not in names
     assert engine.model.lm_head.weight is engine.model.wte.weight
-

@@ -171,7 +171,7 @@ def _sliced(spans, grad, state, coef):
 def _host(spans, grad, state, coef):
     got = [t.clone() for t in state]
     param = got[0].bfloat16()
-    host_adamw(spans, grad, *got, param, torch.empty(adam_math.SLICE_ELEMS), coef=coef, lr=1e-3,
+    host_adamw(spans, grad, *got, param, lambda: torch.empty(adam_math.SLICE_ELEMS), coef=coef, lr=1e-3,
                config=OptimConfig(), threads=2)
     return got, param
 

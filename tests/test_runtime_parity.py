@@ -95,4 +95,3 @@ def test_cpu_adamw_leaves_cores_to_the_thread_driving_the_device():
     finally:
         torch.set_num_threads(previous)
         engine.close()
-

@@ -15,6 +15,7 @@ nothing of chunks' homes or placement.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -72,16 +73,17 @@ def sliced_adamw(spans: list[Span], grad: torch.Tensor, master: torch.Tensor, ex
 
 
 def host_adamw(spans: list[Span], grad: torch.Tensor, master: torch.Tensor, exp_avg: torch.Tensor,
-               exp_avg_sq: torch.Tensor, param: torch.Tensor | None, scratch: torch.Tensor, *,
+               exp_avg_sq: torch.Tensor, param: torch.Tensor | None, scratch: Callable[[], torch.Tensor], *,
                coef: torch.Tensor | None, lr: float, config: OptimConfig, threads: int) -> None:
     """`sliced_adamw`'s update of one host group with narrower grads, by the native kernel when
     it is available and the dtypes are its own (bf16 grads and params), on `threads` threads;
-    else by `sliced_adamw` itself, on torch's threads."""
+    else by `sliced_adamw` itself, on torch's threads, with the fp32 buffer `scratch()` gives
+    (asked for only then: the native kernel needs none)."""
     kernel = None
     if grad.dtype == torch.bfloat16 and (param is None or param.dtype == torch.bfloat16):
         kernel = native.kernel()
     if kernel is None:
-        sliced_adamw(spans, grad, master, exp_avg, exp_avg_sq, param, scratch, coef=coef, lr=lr, config=config)
+        sliced_adamw(spans, grad, master, exp_avg, exp_avg_sq, param, scratch(), coef=coef, lr=lr, config=config)
     else:
         native.adamw_spans(kernel, spans, grad, master, exp_avg, exp_avg_sq, param, coef=coef, lr=lr,
                            config=config, threads=threads)

@@ -213,24 +213,17 @@ class RuntimeHooks:
         uses it, since backward reaches a chunk's parameters together (each hold still ends as
         its gradient arrives)."""
         held = self._backward_held
-        fresh = [info.index for info in infos if info.index not in held]
+        fresh = {info.index for info in infos if info.index not in held}
         if fresh:
-            fresh += [index for index in self._learning[chunk.id] if index not in held and index not in fresh]
-            self.placement.acquire(chunk, fresh)
+            fresh.update(index for index in self._learning[chunk.id] if index not in held)
+            self.placement.acquire(chunk, sorted(fresh))
             held.update(fresh)
 
-    def _end_holds(self, infos: list[ParamInfo]) -> None:
-        """End the backward holds of those of `infos` held: one release per param chunk."""
-        held = [info for info in infos if info.index in self._backward_held]
-        if not held:
-            return
-        self.table.unbind_many(held)
-        by_chunk: dict[int, tuple[Chunk, list[int]]] = {}
-        for info in held:
+    def _end_hold(self, info: ParamInfo) -> None:
+        if info.index in self._backward_held:
             self._backward_held.discard(info.index)
-            by_chunk.setdefault(info.group.param.id, (info.group.param, []))[1].append(info.index)
-        for chunk, indices in by_chunk.values():
-            self.placement.release(chunk, indices, Move.RELEASE_BWD)
+            self.table.unbind(info)
+            self.placement.release(info.group.param, [info.index], Move.RELEASE_BWD)
 
     # -- gradients ------------------------------------------------------------------------
     def _grad_hook(self, param: torch.Tensor) -> None:
@@ -245,7 +238,7 @@ class RuntimeHooks:
         chunk.view(device_tensor, info.slot, info.shape).add_(grad)  # accumulates in the chunk's dtype (fp32 casts)
         del device_tensor  # letting the chunk go below may write it back and free its device copy
         info.has_grad = True
-        self._end_holds([info])
+        self._end_hold(info)
         self._arrived[chunk.id] = self._arrived.get(chunk.id, 0) + 1
         if self._arrived[chunk.id] < self._expected[chunk.id]:
             return  # more of its gradients come in this backward: kept held
@@ -311,7 +304,8 @@ class RuntimeHooks:
     def end_backward(self) -> None:
         """End every backward hold still open (params that got no gradient) and reset states."""
         self._stop_adding()  # a chunk some of whose parameters got no gradient
-        self._end_holds([self.table.infos[index] for index in sorted(self._backward_held)])
+        for index in sorted(self._backward_held):
+            self._end_hold(self.table.infos[index])
         self._hand_over_rest()
         self.reset()
 

@@ -75,7 +75,8 @@ class ChunkAdamW:
         step need not read host grads for the norm. Forgotten when the step ends."""
         placement.on_write_back = self._note_grad_norms
         self._host_scratch: torch.Tensor | None = None
-        """fp32 buffer of one slice on the host, reused by every CPU group's widened grads."""
+        """fp32 buffer of one slice on the host, reused by every CPU group's widened grads on
+        torch's path (`_scratch`: made when that path first runs)."""
         self.split = AdamSplit()
         """How much of the host-homed groups' AdamW streams through the device (the CPU updates
         the rest at the same time)."""
@@ -439,12 +440,10 @@ class ChunkAdamW:
         param = state[3] if group.param is not group.master else None
         torch._foreach_add_([self.steps[info.index] for info in infos], 1)
         if group.grad.dtype != torch.float32 and wide is None:  # bf16 grads on the host
-            if self._host_scratch is None:
-                self._host_scratch = torch.empty(SLICE_ELEMS, dtype=torch.float32)  # once per run
             spans = [Span(offset=i.slot.offset, numel=i.slot.numel, step=self.steps[i.index], decay=i.decay)
                      for i in infos]
             # the native kernel's threads: as many as torch's here (the worker's are worker_threads')
-            host_adamw(spans, group.grad.host, master, exp_avg, exp_avg_sq, param, self._host_scratch,
+            host_adamw(spans, group.grad.host, master, exp_avg, exp_avg_sq, param, self._scratch,
                        coef=coef, lr=lr, config=self.config, threads=torch.get_num_threads())
             return
         if wide is not None:  # bf16 grads on the device: the whole chunk widened at once
@@ -526,6 +525,11 @@ class ChunkAdamW:
 
     def _let_go(self, chunk: Chunk, infos: list[ParamInfo]) -> None:
         self.placement.release(chunk, [info.index for info in infos], Move.RELEASE, wrote=True)
+
+    def _scratch(self) -> torch.Tensor:
+        if self._host_scratch is None:
+            self._host_scratch = torch.empty(SLICE_ELEMS, dtype=torch.float32)  # once per run
+        return self._host_scratch
 
     def _step_tensor(self, info: ParamInfo, device: torch.device) -> torch.Tensor:
         step = self.steps.get(info.index)
