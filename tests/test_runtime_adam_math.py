@@ -92,6 +92,37 @@ def test_streamed_adamw_equals_the_host_update(monkeypatch, clip, param_on_devic
     assert not torch.equal(got[0], master)
 
 
+def test_a_queued_streamed_job_keeps_none_of_its_buffers():
+    """Once a job's update is queued, the streamed AdamW holds nothing of it: a device param
+    chunk it updated in place is freed as soon as its other owners let go (the update runs
+    beside the next forward, which may evict that chunk while later jobs are still queuing)."""
+    import weakref
+
+    from homestar.runtime.memory import SimulatedDevice
+    from homestar.runtime.stream_adam import StagingRing, StreamJob, stream_adamw
+
+    numel, config = 64, OptimConfig(lr=1e-3)
+    device = SimulatedDevice(budget=None)
+    alive = []
+
+    def job() -> StreamJob:
+        param = torch.zeros(numel, dtype=torch.bfloat16)  # the job's reference is its only one
+        alive.append(weakref.ref(param))
+        state = [torch.rand(numel) for _ in range(3)]
+        return StreamJob(spans=[Span(offset=0, numel=numel, step=torch.tensor(1.0), decay=True)],
+                         grad=torch.randn(numel).bfloat16(), master=state[0], exp_avg=state[1], exp_avg_sq=state[2],
+                         param=param, param_on_device=True)
+
+    seen = []
+    jobs = [job(), job(), job()]
+    ring = StagingRing(device.alloc, device.free, numel, torch.bfloat16, torch.bfloat16)
+    done = stream_adamw(jobs, ring, device, coef=None, lr=1e-3, config=config,
+                        queued=lambda i, event: seen.append([ref() is None for ref in alive]))
+    ring.close()
+    assert jobs == [None, None, None] and len(done) == 3
+    assert seen == [[True, False, False], [True, True, False], [True, True, True]]
+
+
 def test_the_automatic_split_settles_and_travels_with_the_state():
     """The CPU/GPU split follows measured rates for AUTO_SHARE_STEPS steps, then stays; its state
     goes into the canonical optimizer extras and comes back on load; a fixed split is the

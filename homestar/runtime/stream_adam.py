@@ -111,18 +111,26 @@ def stream_adamw(jobs: list[StreamJob], ring: StagingRing, device: DeviceSpace, 
     once it completes; None where nothing was written back). `device`: a device space or one of
     its lanes (`DeviceSpace.lane`), whose context the caller entered. `queued(i, event)`: told as
     soon as job i is queued. The steps in the spans live on the device and were already advanced
-    for this step."""
+    for this step.
+
+    Each job is taken out of `jobs` (its place set to None) once queued: a device param chunk it
+    updates in place must not outlive the placement's hold on it. The update runs beside the next
+    forward, which lets the group go and may evict that chunk while later jobs are still being
+    queued; a reference kept here held the evicted chunk's memory uncounted (6.7b at 8 GiB ran out
+    of device memory with three such chunks alive)."""
     if coef is not None and jobs:
         coef = coef.to(device.device)  # once; a device scalar when the norm was taken there
     done = []
     turn = 0
-    for i, job in enumerate(jobs):
+    for i in range(len(jobs)):
+        job, jobs[i] = jobs[i], None
         last = None
         for start, stop, spans in _slices(job.spans, ring.elems):
             staging = ring.sets[turn % STAGING_SETS]
             turn += 1
             last = _one_slice(job, start, stop, spans, staging, device, coef, lr, config)
         done.append(last)
+        job = None  # the list's reference is gone: nothing here keeps the job's buffers now
         if queued is not None:
             queued(i, last)
     return done
