@@ -42,15 +42,17 @@ def mse(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 OPTIM = OptimConfig(lr=1e-2, weight_decay=0.1, grad_clip=0.5)
 
 
-def awkward_pair():
+def awkward_pair(resident: bool = False):
     torch.manual_seed(0)
     ref = Awkward()
-    config = RuntimeConfig(chunk_elems=CHUNK, gpu_budget_bytes=3 * CHUNK * 4)
+    # resident: no budget, every chunk on the device (no hooks at all in backward)
+    config = RuntimeConfig(chunk_elems=CHUNK, gpu_budget_bytes=None if resident else 3 * CHUNK * 4)
     return ref, attach(copy.deepcopy(ref), config, OPTIM, loss_fn=mse)
 
 
-def test_shared_unused_detached_and_frozen_parameters_match_torch():
-    ref, engine = awkward_pair()
+@pytest.mark.parametrize("resident", [False, True])
+def test_shared_unused_detached_and_frozen_parameters_match_torch(resident):
+    ref, engine = awkward_pair(resident)
     opt = torch_adamw(ref, OPTIM)
     gen = torch.Generator().manual_seed(3)
     before = {n: p.detach().clone() for n, p in ref.named_parameters()}
@@ -69,7 +71,39 @@ def test_shared_unused_detached_and_frozen_parameters_match_torch():
     for untouched in ("unused.weight", "detached.bias", "frozen.weight"):
         assert torch.equal(state["weights"][untouched], before[untouched])
         assert untouched not in state["optimizer"]["exp_avg"]  # torch keeps no state for them
-    assert engine.stats()["evictions"] > 0
+    assert engine.hooks.resident is resident
+    if not resident:
+        assert engine.stats()["evictions"] > 0
+
+
+def test_a_resident_grad_replaced_from_outside_loses_nothing():
+    """In resident mode `.grad` aliases the grad chunk; if code outside sets it to None, autograd
+    makes a new one in the next backward: that gradient is still added into the chunk, and the
+    step equals torch's over both micro-batches."""
+    ref, engine = awkward_pair(resident=True)
+    opt = torch_adamw(ref, OPTIM)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(2):  # the first step traces and enters resident mode
+        x, y = torch.randn(5, 8, generator=gen), torch.randn(5, 4, generator=gen)
+        mse(ref, x, y).backward()
+        torch.nn.utils.clip_grad_norm_([p for p in ref.parameters() if p.grad is not None], 0.5)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        engine.forward_backward(x, y, 1.0)
+        engine.step(1e-2)
+    assert engine.hooks.resident
+    batches_ = [(torch.randn(5, 8, generator=gen), torch.randn(5, 4, generator=gen)) for _ in range(2)]
+    for x, y in batches_:
+        (mse(ref, x, y) / 2).backward()
+    torch.nn.utils.clip_grad_norm_([p for p in ref.parameters() if p.grad is not None], 0.5)
+    opt.step()
+    engine.forward_backward(*batches_[0], 2.0)
+    engine.model.out.weight.grad = None
+    engine.forward_backward(*batches_[1], 2.0)
+    engine.step(1e-2)
+    state = engine.state_dict()
+    for name, param in ref.named_parameters():
+        torch.testing.assert_close(state["weights"][name], param.detach(), rtol=1e-6, atol=1e-7)
 
 
 def test_parameters_outside_use_are_poisoned_not_stale():

@@ -19,10 +19,11 @@
   Every rank thus issues the same collectives in the same order as long as the same parameters
   get gradients on every rank (true of models without data-dependent branches, such as GPT).
 - Resident mode (`set_resident`), for a model whose every chunk lives on the device: parameters
-  stay bound to their slots and `.grad` is a view of the grad chunk, which autograd accumulates
-  into in place; the module hooks are taken off (modules run torch's hook-free path), no
-  saved-tensor hooks are installed and the grad hook only notes that a grad arrived. Nothing
-  moves, so no per-module bookkeeping is paid.
+  stay bound to their slots and `.grad` aliases the grad chunk's slot, which autograd accumulates
+  into in place; the module and grad hooks are taken off (modules run torch's hook-free path, and
+  backward calls no Python per parameter), no saved-tensor hooks are installed. Which parameters
+  got a gradient is read when the work ends, from each `.grad`'s version counter (an in-place add
+  bumps it): nothing moves, so no per-module or per-gradient bookkeeping is paid.
 Knows nothing of the optimizer, the trainer or what the model is.
 """
 
@@ -75,13 +76,16 @@ class RuntimeHooks:
         self._open: dict[nn.Module, list[list[ParamInfo]]] = {}
         """Per module, a stack (nested calls) of the parameters each running call acquired."""
         self._handles = []
-        """The grad hooks' handles (installed for the engine's life)."""
+        """The grad hooks' handles while installed (not in resident mode)."""
         self._module_hooks = [(module, self._make_pre(owned), self._make_post(owned))
                               for module in model.modules() if (owned := self._owned(module))]
         self._module_handles = []
         """The module hooks' handles while installed (not in resident mode)."""
         self.resident = False
-        """Every parameter bound and every grad a view of its chunk (see `set_resident`)."""
+        """Every parameter bound and every grad aliasing its chunk (see `set_resident`)."""
+        self._resident_grads: list[list] = []
+        """In resident mode, [info, its `.grad`, that grad's version when last read] per learning
+        parameter (`_note_resident_grads`)."""
         self._settle = list({id(c): c for info in table for c in (info.group.param, info.group.grad)}.values())
         """Chunks whose slots forward and backward leave in HOLD_AFTER_* (reset settles them)."""
         self.grad_done: Callable[[Chunk], Callable[[], None]] | None = None
@@ -105,36 +109,69 @@ class RuntimeHooks:
         not one per parameter. Let go when a gradient for another chunk arrives, when all of
         its gradients did, or when backward ends."""
         self._attach_module_hooks()
-        for info in table:
-            if info.param.requires_grad:
-                self._handles.append(info.param.register_post_accumulate_grad_hook(self._grad_hook))
+        self._attach_grad_hooks()
 
     def set_resident(self, on: bool) -> None:
         """Enter or leave resident mode (call between works; every param and grad chunk must
-        live on the device to enter). Leaving unbinds the parameters and drops the `.grad` views;
-        grads already accumulated stay in their chunks."""
+        live on the device to enter). Leaving unbinds the parameters and drops the `.grad`
+        aliases; grads already accumulated stay in their chunks (and count as arrived)."""
         if on == self.resident:
             return
         self.resident = on
         if not on:
+            self._note_resident_grads()
+            self._resident_grads.clear()
             self._attach_module_hooks()
+            self._attach_grad_hooks()
             self.table.unbind_all()
             for info in self.table:
                 info.param.grad = None
             return
         self._detach_module_hooks()
+        self._detach_grad_hooks()
         for info in self.table:
             self.table.bind(info, info.group.param.device)
             if info.param.requires_grad:
-                grad = info.group.grad
-                info.param.grad = grad.view(grad.device, info.slot, info.shape)  # autograd adds in place
+                chunk = info.group.grad
+                grad = _aliasing(chunk.view(chunk.device, info.slot, info.shape))
+                info.param.grad = grad  # autograd adds into it in place
+                self._resident_grads.append([info, grad, grad._version])
 
     def remove(self) -> None:
         self.set_resident(False)
         self._detach_module_hooks()
+        self._detach_grad_hooks()
+
+    def _attach_grad_hooks(self) -> None:
+        for info in self.table:
+            if info.param.requires_grad:
+                self._handles.append(info.param.register_post_accumulate_grad_hook(self._grad_hook))
+
+    def _detach_grad_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    def _note_resident_grads(self) -> None:
+        """Resident mode: mark the parameters whose `.grad` autograd added into since the last
+        read (its version moved) as having a gradient, their grad slots as filled (one state
+        move per chunk). A `.grad` replaced from outside (set to None, so that autograd made a
+        new one) is added into the slot and the alias put back."""
+        filled: dict[int, tuple[Chunk, list[int]]] = {}
+        for entry in self._resident_grads:
+            info, grad, seen = entry
+            current = info.param.grad
+            if current is not grad:
+                if current is not None:
+                    grad.add_(current)  # a gradient autograd stored beside the chunk
+                info.param.grad = grad
+            if grad._version != seen:
+                entry[2] = grad._version
+                info.has_grad = True
+                chunk = info.group.grad
+                filled.setdefault(chunk.id, (chunk, []))[1].append(info.index)
+        for chunk, indices in filled.values():
+            chunk.move_many(indices, Move.FILL)  # the slots hold data
 
     def _attach_module_hooks(self) -> None:
         for module, pre, post in self._module_hooks:
@@ -228,10 +265,6 @@ class RuntimeHooks:
     # -- gradients ------------------------------------------------------------------------
     def _grad_hook(self, param: torch.Tensor) -> None:
         info = self.table.of(param)
-        if self.resident:  # autograd added it into the chunk already (.grad views the slot)
-            info.has_grad = True
-            self.placement.move(info.group.grad, info.index, Move.FILL)  # the slot holds data
-            return
         grad, param.grad = param.grad, None
         chunk = info.group.grad
         device_tensor = self._add_into(chunk, info.index)
@@ -310,7 +343,10 @@ class RuntimeHooks:
         self.reset()
 
     def reset(self) -> None:
-        """End of a forward (and backward): every tensor back to HOLD (or FREE), all unbound."""
+        """End of a forward (and backward): every tensor back to HOLD (or FREE), all unbound
+        (resident mode: the gradients that arrived noted instead)."""
+        if self.resident:
+            self._note_resident_grads()
         self._backward_held.clear()
         self._open.clear()
         self._arrived.clear()
@@ -322,3 +358,11 @@ class RuntimeHooks:
             self.table.unbind_all()
         for chunk in self._settle:
             chunk.settle()  # one pass per chunk, not one state move per tensor
+
+
+def _aliasing(view: torch.Tensor) -> torch.Tensor:
+    """A tensor on `view`'s memory with a version counter of its own: a view shares its base's,
+    so an add into one parameter's grad would look like an add into every parameter's of the
+    chunk (`_note_resident_grads` reads each parameter's)."""
+    return torch.empty(0, dtype=view.dtype, device=view.device).set_(
+        view.untyped_storage(), view.storage_offset(), view.size(), view.stride())
