@@ -8,7 +8,7 @@
 #   bash bench/gpu_session.sh plan24   # the same at 24 GiB
 #   bash bench/gpu_session.sh plan8big # 8 GiB, 2.7b 4b 6.7b only (~6 min)
 #   bash bench/gpu_session.sh stream   # CUDA tests; 1.3b with AdamW split CPU/GPU vs CPU alone; 2.7b split (~6 min)
-#   bash bench/gpu_session.sh fits     # 350m at 8 GiB and 0.7b at 24 GiB against plain PyTorch, 3 alternated rounds (~8 min)
+#   bash bench/gpu_session.sh fits     # 350m at 8 GiB (3 rounds) and 0.7b at 24 GiB (5) against plain PyTorch, alternated (~5 min)
 #   bash bench/gpu_session.sh waits    # CUDA tests; 1.3b with the host's waits spinning vs sleeping, alternating (~3 min)
 #   bash bench/gpu_session.sh table8   # every preset at the plan's settings, 8 GiB, against the floors (~6 min); table24 likewise
 #   bash bench/gpu_session.sh speed    # both AdamW engines sharing the host; 1.3b, 2.7b, 4b at 2048 tokens, 8 GiB (~9 min)
@@ -86,8 +86,8 @@ case "${1:-}" in
     bench 2.7b_auto 150 --preset 2.7b "${B8[@]}" --steps 3
     bench 1.3b_nockpt 120 --preset 1.3b "${B8[@]}" --steps 3 --no-checkpointing ;;
   fits)  # where the model fits: against plain PyTorch in the same invocation, alternated (the host's speed drifts)
-    bench 350m_8 250 --preset 350m "${B8[@]}" --steps 6 --warmup 3 --baseline --rounds 3
-    bench 0.7b_24 300 --preset 0.7b --gpu-mem-gib 24 --micro-batch 2 --steps 6 --warmup 3 --baseline --rounds 3 ;;
+    bench 350m_8 200 --preset 350m "${B8[@]}" --steps 8 --warmup 3 --baseline --rounds 3
+    bench 0.7b_24 300 --preset 0.7b --gpu-mem-gib 24 --micro-batch 2 --steps 16 --warmup 3 --baseline --rounds 5 ;;
   waits)  # the host's waits spinning (before) against sleeping (now), alternating
     cuda_tests 150 tests/test_runtime_cuda.py
     mkdir -p "$OUT/spin"
