@@ -160,3 +160,27 @@ def test_an_evicted_chunk_holds_no_memory_when_the_runtime_allocates_again(monke
         engine.step(1e-3)
     assert engine.stats()["streamed_groups"] and evicted
     engine.close()
+
+
+def test_a_device_allocation_that_fails_leaves_the_books_true(monkeypatch):
+    """A chunk the device could not allocate (out of memory) is not counted as in use: the books
+    equal the chunks that live there, the error names what the pass held and the peak of the last
+    pass of its kind, and training goes on once memory is back."""
+    setup = Setup()
+    engine = attach_copy(make_model(setup), setup, budget_chunks=4)
+    train_engine(engine, batches(2, 1))  # traced and replayed: chunks come and go in every pass
+    device = engine.placement.device
+
+    def out_of_memory(self, numel, dtype):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+
+    monkeypatch.setattr(SimulatedDevice, "_new", out_of_memory)
+    (idx, targets), = batches(1, 1)[0]
+    with pytest.raises(BudgetError, match=r"in the (forward|backward), 2.00 MiB wanted: .* of activations and "
+                                          r"workspace \(.* at the peak of the last such pass\)"):
+        engine.forward_backward(idx, targets, 1.0)
+    living = sum(c.nbytes for c in engine.placement.chunks if c.resident)
+    assert device.used == living
+    monkeypatch.undo()
+    engine.zero_grad()
+    train_engine(engine, batches(2, 1))

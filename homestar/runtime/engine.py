@@ -257,13 +257,16 @@ class ChunkedEngine:
             yield
         except BaseException as error:
             where = self._where(key)  # before the phase is reset below
+            # what the failed work held beside the chunks, read before anything is let go (its
+            # tensors live on in the traceback's frames)
+            nonmodel = self.placement.device.nonmodel_bytes() if isinstance(error, torch.OutOfMemoryError) else 0
             self.hooks.phase = Phase.IDLE
             self.adamw.abandon()  # before abort: the step in flight lets go of what it holds
             self.placement.abort()
             self.hooks.reset()
             self.tracer.abandon()
             if isinstance(error, torch.OutOfMemoryError):
-                raise BudgetError(self._oom_message(where, error)) from error
+                raise BudgetError(self._oom_message(key, where, nonmodel, error)) from error
             raise
         self.hooks.phase = Phase.IDLE
         self.hooks.end_backward()
@@ -278,13 +281,15 @@ class ChunkedEngine:
             return "step"
         return "backward" if self.hooks.phase is Phase.BACKWARD else "forward"
 
-    def _oom_message(self, where: str, error: BaseException) -> str:
+    def _oom_message(self, key: Hashable | None, where: str, nonmodel: int, error: BaseException) -> str:
         device = self.placement.device
         asked = _TRIED.search(str(error))  # torch's CUDA message says how much it wanted
         wanted = f", {asked.group(1)} wanted" if asked else ""
+        traced = self.tracer.traces.get(key)
+        before = f" ({fmt_bytes(traced.peak_nonmodel)} at the peak of the last such pass)" if traced else ""
         return (
             f"the device ran out of memory in the {where}{wanted}: {fmt_bytes(device.used)} of chunks, "
-            f"{fmt_bytes(self.tracer.run_peak)} of activations and workspace measured so far, "
+            f"{fmt_bytes(nonmodel)} of activations and workspace{before}, "
             f"{fmt_bytes(device.allocator_held())} held by the allocator, "
             f"budget {fmt_bytes(device.budget or 0)}; lower the micro-batch or raise the budget"
         )

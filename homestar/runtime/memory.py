@@ -54,7 +54,11 @@ class MemorySpace:
     def alloc(self, numel: int, dtype: torch.dtype, *, zero: bool = False) -> torch.Tensor:
         nbytes = numel * dtype.itemsize
         self._charge(nbytes)
-        out = self._new(numel, dtype)
+        try:
+            out = self._new(numel, dtype)
+        except BaseException:
+            self.used -= nbytes  # nothing was allocated (a device out of memory): the books stay true
+            raise
         return out.zero_() if zero else out
 
     def free(self, tensor: torch.Tensor) -> None:
