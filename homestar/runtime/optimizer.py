@@ -513,9 +513,7 @@ class ChunkAdamW:
     def _hold(self, chunk: Chunk, infos: list[ParamInfo]) -> torch.Tensor:
         indices = [info.index for info in infos]
         if self.groups[chunk.group].optimizer_on_device:
-            # homed there: it never moves, so the hold is no access of the step's trace (whose
-            # prefetch and eviction concern the chunks that do)
-            return self.placement.hold_resident(chunk, indices)
+            return self.placement.acquire(chunk, indices)
         return self.placement.acquire_on_host(chunk, indices)
 
     def _hold_where_cached(self, chunk: Chunk, infos: list[ParamInfo]) -> torch.Tensor:
