@@ -146,3 +146,6 @@ def test_the_automatic_split_settles_and_travels_with_the_state():
     assert fixed.share == 0.3
     # which groups stream: the first ones up to the share, a group counting when half of it fits
     assert [AdamSplit(share=s).streamed([10, 10, 10, 10]) for s in (0.0, 0.1, 0.2, 0.5, 1.0)] == [0, 0, 1, 2, 4]
+    # an automatic split keeps a group on each engine (both stay measured), where there are two
+    assert [AdamSplit(share=s, auto=True).streamed([10, 10, 10, 10]) for s in (0.05, 0.5, 0.9, 0.95)] == [1, 2, 3, 3]
+    assert AdamSplit(share=0.95, auto=True).streamed([10]) == 1

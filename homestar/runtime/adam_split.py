@@ -43,13 +43,19 @@ class AdamSplit:
 
     def streamed(self, sizes: list[int]) -> int:
         """How many of the host-homed groups (elements each, in the order they stream) stream:
-        the first ones, up to the share (a group counts when at least half of it fits)."""
-        goal, taken = self.share * sum(sizes), 0
-        for count, size in enumerate(sizes):
+        the first ones, up to the share (a group counts when at least half of it fits). An
+        automatic split leaves each engine a group at least, where there are two: rounding to
+        whole groups would otherwise give one engine everything (a share of 0.9 over four groups)
+        and its rate would no longer be measured."""
+        goal, taken, count = self.share * sum(sizes), 0, len(sizes)
+        for index, size in enumerate(sizes):
             if taken + size / 2 > goal:
-                return count
+                count = index
+                break
             taken += size
-        return len(sizes)
+        if self.auto and len(sizes) >= 2:
+            count = min(max(count, 1), len(sizes) - 1)
+        return count
 
     def follow(self, cpu_elems: int, cpu_s: float, dev_elems: int, dev_s: float) -> None:
         """One step's measurement: each engine's elements and seconds."""
