@@ -28,7 +28,7 @@ from homestar.tui.launch import resume_args
 from homestar.tui.process import TrainerProcess
 from homestar.tui.run_state import RunState
 from homestar.tui.screens.ask_steps import AskStepsScreen
-from homestar.tui.screens.help import show_help
+from homestar.tui.screens.help import prepare_help, show_help
 from homestar.tui.services import Services
 from homestar.tui.widgets.chunk_map import ChunkMap
 from homestar.tui.widgets.loss_plot import LossPlot
@@ -118,6 +118,7 @@ class TrainingScreen(Screen):
             self._follow(None)
         self.set_interval(self.services.redraw_s, self.redraw)
         self.redraw()
+        self.call_after_refresh(lambda: prepare_help(self.app, *self._help()))
         self.call_after_refresh(_settle_memory)
 
     # -- the trainer ------------------------------------------------------------------------------
@@ -351,6 +352,10 @@ class TrainingScreen(Screen):
         self.app.pop_screen()
 
     def action_help(self) -> None:
+        show_help(self.app, *self._help())
+
+    def _help(self) -> tuple[str, str, list[tuple[str, str]], str]:
+        """The help's key, title, rows and note for this screen."""
         rows = [("p", "pause or resume training"), ("s", "save a checkpoint now"),
                 ("e", "train for more steps (asks how many)"), ("x", "stop and save (stay in the app)"),
                 ("q", "stop, save and quit" if not self.attached else "quit (the run keeps training)"),
@@ -358,7 +363,7 @@ class TrainingScreen(Screen):
                 ("tab", "focus the loss curve: + and - zoom, arrows pan, r resets"), ("?", "this help")]
         note = ("The chunk map has one cell per chunk, a row per kind of data, a colour per place. On a CPU "
                 "run, 'Dev' is the simulated device memory.")
-        show_help(self.app, "attached" if self.attached else "training", "Training keys", rows, note)
+        return "attached" if self.attached else "training", "Training keys", rows, note
 
     def palette_commands(self):
         """(title, help, callback) for the command palette."""
