@@ -37,18 +37,22 @@ def show_help(app, key: str, title: str, rows: list[tuple[str, str]], note: str 
     """Open the help for `key`, built on first use (or by `prepare_help`) and kept installed:
     later opens skip the compose and styling of a new screen (tens of milliseconds on a busy
     machine)."""
-    prepare_help(app, key, title, rows, note, compose=False)
-    app.push_screen(f"help:{key}")
+    app.push_screen(_installed(app, key, title, rows, note))
 
 
-def prepare_help(app, key: str, title: str, rows: list[tuple[str, str]], note: str = "", *,
-                 compose: bool = True) -> None:
-    """Install the help for `key` ahead of its first open; with `compose`, also build its widgets
-    now (a screen that trains calls this once it is drawn, so the first `?` while the trainer keeps
-    both cores busy does not pay for them: it took up to 130 ms on a two-core machine)."""
+def prepare_help(app, key: str, title: str, rows: list[tuple[str, str]], note: str = "") -> None:
+    """Install the help for `key` and build its widgets ahead of its first open (a screen that
+    trains calls this once it is drawn, so the first `?` while the trainer keeps both cores busy
+    does not pay for them: it took up to 130 ms on a two-core machine)."""
+    name = _installed(app, key, title, rows, note)
+    register = getattr(app, "_get_screen", None)  # Textual's own step of a first push: compose, mount
+    if register is not None and not app.get_screen(name).is_running:
+        register(name)
+
+
+def _installed(app, key: str, title: str, rows: list[tuple[str, str]], note: str) -> str:
+    """The name of `key`'s help screen, installed now if it was not."""
     name = f"help:{key}"
     if not app.is_screen_installed(name):
         app.install_screen(HelpScreen(title, rows, note), name)
-    register = getattr(app, "_get_screen", None)  # Textual's own step of a first push: compose, mount
-    if compose and register is not None and not app.get_screen(name).is_running:
-        register(name)
+    return name
